@@ -1,0 +1,110 @@
+"""The `dpo-lab` command: list, run and benchmark the workbook, and train."""
+import argparse
+import ast
+import sys
+import time
+
+from dpo_lab.paths import build_dir
+
+
+def _parse_param(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"-p expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        value = ast.literal_eval(value)  # numbers, booleans, lists; anything else stays a string
+    except (ValueError, SyntaxError):
+        pass
+    return key.strip(), value
+
+
+def cmd_list(args) -> int:
+    from dpo_lab.workbook import lesson_title, list_notebooks
+    for name in list_notebooks():
+        print(f"{name:28s} {lesson_title(name)}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from tqdm.auto import tqdm
+
+    from dpo_lab.workbook import NotebookFailed, list_notebooks, notebook_path, run_notebook
+    names = args.names or list_notebooks()
+    for n in names:
+        notebook_path(n)  # fail before running anything if a name is wrong
+    out = build_dir(args.out)
+    params = dict(args.param or [])
+    results, failed = {}, None
+    bar = tqdm(names, desc="notebooks", unit="nb")
+    for name in bar:
+        bar.set_postfix_str(name)
+        try:
+            results[name] = run_notebook(name, args.profile, out, params, cell_timeout=args.cell_timeout)
+        except NotebookFailed as e:
+            failed = e
+            break
+    bar.close()
+    _print_summary(results)
+    if failed:
+        print(f"\nFAILED: {failed}", file=sys.stderr)
+        return 1
+    print(f"\nexecuted notebooks in {out / 'notebooks'}, figures in {out / 'metrics'}")
+    return 0
+
+
+def _print_summary(results: dict) -> None:
+    for name, res in results.items():
+        print(f"\n== {name}  ({res['seconds']:.1f} s)")
+        for key, value in res["figures"].items():
+            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+            print(f"  {key:48s} {shown}")
+
+
+def cmd_bench(args) -> int:
+    from dpo_lab.bench import available, run_bench
+    if args.name is None:
+        print("benchmarks:", ", ".join(available()) or "none")
+        return 0
+    run_bench(args.name, quick=args.quick, output_dir=args.out)
+    return 0
+
+
+def cmd_train(args, rest) -> int:
+    if args.kind != "dpo":
+        print(f"unknown training kind {args.kind!r}; have: dpo", file=sys.stderr)
+        return 2
+    from dpo_lab.dpo.trainer import cli_main
+    return cli_main(rest)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="dpo-lab", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="list the notebooks with their lesson titles")
+    r = sub.add_parser("run", help="execute notebooks headlessly (all by default)")
+    r.add_argument("names", nargs="*", metavar="NAME")
+    r.add_argument("--profile", choices=("smoke", "full"), default="smoke")
+    r.add_argument("--out", default=None, help="output root (default: build/)")
+    r.add_argument("-p", "--param", action="append", type=_parse_param, metavar="KEY=VALUE",
+                   help="override a notebook parameter (repeatable)")
+    r.add_argument("--cell-timeout", type=int, default=900, help="seconds per cell")
+    b = sub.add_parser("bench", help="run a benchmark: variants side by side, with ratios")
+    b.add_argument("name", nargs="?")
+    b.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    b.add_argument("--out", default=None)
+    t = sub.add_parser("train", help="train (dpo-lab train dpo --config FILE ...)", add_help=False)
+    t.add_argument("kind")
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "train":
+        return cmd_train(args, rest)
+    if rest:
+        p.error(f"unrecognised arguments: {' '.join(rest)}")
+    t0 = time.perf_counter()
+    code = {"list": cmd_list, "run": cmd_run, "bench": cmd_bench}[args.cmd](args)
+    if args.cmd == "run":
+        print(f"total {time.perf_counter() - t0:.1f} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The workbook's notebooks: find them, read their lessons, execute them with papermill."""
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpo_lab.paths import LESSON_DIR, NOTEBOOK_DIR, build_dir
+
+DEFAULT_CELL_TIMEOUT = 900  # seconds; the full profile of the DPO run is the slowest cell
+
+
+def list_notebooks() -> list[str]:
+    return sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def notebook_path(name: str) -> Path:
+    path = NOTEBOOK_DIR / f"{name}.ipynb"
+    if not path.exists():
+        raise FileNotFoundError(f"no notebook {name!r}; have: {', '.join(list_notebooks()) or 'none'}")
+    return path
+
+
+def lesson_path(name: str) -> Path:
+    return LESSON_DIR / f"{name}.md"
+
+
+def lesson_title(name: str) -> str:
+    path = lesson_path(name)
+    if not path.exists():
+        return "(no lesson)"
+    for line in path.read_text().splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return name
+
+
+def parameters_cell(name: str) -> dict:
+    """The names and values assigned in the cell tagged `parameters` (simple literals only)."""
+    nb = json.loads(notebook_path(name).read_text())
+    for cell in nb["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            src = "".join(cell["source"])
+            values = {}
+            for m in re.finditer(r"^(\w+)\s*=\s*(.+?)\s*(#.*)?$", src, re.M):
+                values[m.group(1)] = m.group(2)
+            return values
+    raise ValueError(f"notebook {name!r} has no cell tagged 'parameters'")
+
+
+@dataclass
+class NotebookFailed(Exception):
+    notebook: str
+    cell_index: int | None
+    error: str
+    executed_path: Path
+
+    def __str__(self):
+        where = f"cell {self.cell_index}" if self.cell_index is not None else "unknown cell"
+        return (f"notebook {self.notebook} failed at {where}: {self.error}\n"
+                f"partly executed notebook: {self.executed_path}")
+
+
+def _failed_cell_index(path: Path):
+    """papermill marks the failing cell; find it in the partly executed notebook."""
+    try:
+        nb = json.loads(path.read_text())
+    except Exception:
+        return None
+    for i, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                return i
+    return None
+
+
+def run_notebook(name: str, profile: str = "smoke", output_dir=None, parameters: dict | None = None,
+                 cell_timeout: int = DEFAULT_CELL_TIMEOUT, log_output: bool = False) -> dict:
+    """Execute one notebook headlessly; return {'seconds', 'notebook', 'figures'} or raise NotebookFailed."""
+    import papermill as pm
+    from nbclient.exceptions import CellTimeoutError
+
+    src = notebook_path(name)
+    out = build_dir(output_dir)
+    executed = out / "notebooks" / f"{name}.ipynb"
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    params = {"PROFILE": profile, "OUTPUT_DIR": str(out), **(parameters or {})}
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(src), str(executed), parameters=params, kernel_name="python3",
+            cwd=str(NOTEBOOK_DIR), execution_timeout=cell_timeout, progress_bar=False,
+            log_output=log_output,
+        )
+    except pm.PapermillExecutionError as e:
+        raise NotebookFailed(name, e.cell_index, f"{e.ename}: {e.evalue}", executed) from None
+    except CellTimeoutError as e:
+        raise NotebookFailed(name, _failed_cell_index(executed),
+                             f"cell timed out after {cell_timeout}s ({e})", executed) from None
+    seconds = time.perf_counter() - start
+    figures_file = out / "metrics" / f"{name}.json"
+    if not figures_file.exists():
+        raise NotebookFailed(name, None, f"ran, but wrote no figures to {figures_file}", executed)
+    return {"seconds": seconds, "notebook": executed, "figures": json.loads(figures_file.read_text())}

@@ -1,0 +1,25 @@
+import os
+
+import pytest
+
+from dpo_lab.paths import build_dir
+
+# One thread per process keeps the 2-core CI box from oversubscribing when ranks run.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+NOTEBOOK_OUT = build_dir() / "test"
+
+
+@pytest.fixture(scope="session")
+def run_nb():
+    """run_nb(name) executes a notebook once per session (smoke profile) and returns
+    {'seconds', 'notebook', 'figures'}; the executed copy stays in build/test/notebooks/."""
+    from dpo_lab.workbook import run_notebook
+    done = {}
+
+    def _run(name):
+        if name not in done:
+            done[name] = run_notebook(name, "smoke", NOTEBOOK_OUT)
+        return done[name]
+    return _run

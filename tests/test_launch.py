@@ -1,0 +1,64 @@
+import threading
+import time
+
+import psutil
+import pytest
+
+from dpo_lab.parallel import RankFailed, RankTimeout, launch
+from tests import _ranks
+
+pytestmark = pytest.mark.distributed
+
+
+def _no_rank_processes_left():
+    kids = psutil.Process().children(recursive=True)
+    alive = [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE
+             and "spawn_main" in " ".join(k.cmdline())]
+    return not alive
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_returns_each_ranks_value(world_size):
+    out = launch(_ranks.all_reduce_rank, world_size, args=(10,), timeout=60)
+    expected = sum(r + 10 for r in range(world_size))
+    assert out == [(r, world_size, float(expected)) for r in range(world_size)]
+
+
+def test_failing_rank_names_rank_and_traceback_quickly():
+    t0 = time.monotonic()
+    with pytest.raises(RankFailed) as info:
+        launch(_ranks.raise_on_rank, 3, args=(1,), timeout=120)
+    assert time.monotonic() - t0 < 30  # not the 120 s timeout
+    assert info.value.rank == 1
+    assert "boom on rank 1" in str(info.value) and "Traceback" in str(info.value)
+    assert _no_rank_processes_left()
+
+
+def test_hanging_rank_times_out_and_is_killed():
+    t0 = time.monotonic()
+    with pytest.raises(RankTimeout) as info:
+        launch(_ranks.hang, 2, args=(600,), timeout=8)
+    assert time.monotonic() - t0 < 30
+    assert info.value.pending == [0, 1]
+    assert _no_rank_processes_left()
+
+
+def test_two_launches_at_once_pick_different_ports():
+    results, errors = {}, []
+
+    def go(key, x):
+        try:
+            results[key] = launch(_ranks.all_reduce_rank, 2, args=(x,), timeout=60)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(k, k * 100)) for k in (1, 2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+    assert results[1][0][2] == 201.0 and results[2][0][2] == 401.0
+
+
+def test_bad_world_size_is_rejected():
+    with pytest.raises(ValueError, match="world_size"):
+        launch(_ranks.hang, 0)
