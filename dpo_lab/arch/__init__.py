@@ -1,0 +1,1 @@
+"""Model architecture written from scratch: normalisation, attention, a small transformer."""
