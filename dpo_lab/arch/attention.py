@@ -36,6 +36,29 @@ def scaled_dot_product(q, k, v, causal: bool = True, q_offset: int = 0):
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
+def grouped_scaled_dot_product(q, k, v, causal: bool = True, q_offset: int = 0):
+    """Attention where k, v have fewer heads than q (GQA/MQA), without copying k and v.
+
+    q: (batch, heads, sq, d); k, v: (batch, kv_heads, sk, d). Query head h uses KV head
+    h // (heads // kv_heads), as in Llama's repeat_kv. The query heads of a group are folded
+    into the row axis, so each KV head is read once per group rather than repeated in memory:
+    that is where GQA saves memory traffic when decoding.
+    """
+    b, h, sq, d = q.shape
+    kvh = k.shape[1]
+    if h % kvh:
+        raise ValueError(f"{h} query heads cannot share {kvh} KV heads evenly")
+    groups = h // kvh
+    qg = q.reshape(b, kvh, groups * sq, d)
+    scores = (qg @ k.transpose(-2, -1) / math.sqrt(d)).view(b, kvh, groups, sq, -1)
+    if causal:
+        sk = k.shape[-2]
+        allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, kvh, groups * sq, -1)
+    return (probs @ v).view(b, h, sq, d)
+
+
 class KVCache:
     """Keys and values of the positions seen so far, per layer: (batch, kv_heads, seq, head_dim)."""
 
@@ -84,8 +107,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # the cache stores n_kv_heads, not n_heads
-        groups = q.shape[1] // k.shape[1]  # per-rank head counts, so a TP shard works too
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        out = scaled_dot_product(q, k, v, causal=True, q_offset=start)
+        # Per-rank head counts (q.shape[1], k.shape[1]), so a tensor-parallel shard works too.
+        out = grouped_scaled_dot_product(q, k, v, causal=True, q_offset=start)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

@@ -50,6 +50,10 @@ class TinyTransformer(nn.Module):
     def __init__(self, vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=None,
                  mlp_ratio=4, norm="rms", prenorm=True):
         super().__init__()
+        # The constructor arguments, so a variant (e.g. fewer KV heads) can be rebuilt from a model.
+        self.config = dict(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                           n_kv_heads=n_kv_heads or n_heads, mlp_ratio=mlp_ratio, norm=norm,
+                           prenorm=prenorm)
         self.embed = nn.Embedding(vocab_size, dim)
         self.blocks = nn.ModuleList(Block(dim, n_heads, n_kv_heads, mlp_ratio, norm, prenorm, i)
                                     for i in range(n_layers))

@@ -1,0 +1,1 @@
+"""Direct Preference Optimisation: the loss, the toy derivation, and the FSDP + QLoRA trainer."""

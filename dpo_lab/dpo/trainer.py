@@ -1,0 +1,388 @@
+"""DPO with a 4-bit base sharded by FSDP2 and LoRA adapters on top: one loop, 1 to N ranks.
+
+    dpo-lab train dpo --config configs/dpo/tiny_cpu.yaml --nproc 2 train.max_steps=20
+    torchrun --nproc-per-node 8 -m dpo_lab.dpo.trainer --config configs/dpo/llama3_8b_8gpu.yaml
+
+Each optimizer step: every rank takes its micro-batches of the global batch, runs chosen and
+rejected through ONE forward (policy), gets the reference log-probs from the same model with the
+adapters disabled (or from a precomputed table), and backpropagates the DPO loss divided by the
+global batch so that FSDP's gradient averaging over ranks yields the global mean.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dpo_lab.dpo import checkpoint as ckpt
+from dpo_lab.dpo.batching import BatchPlan, collate, concatenated_forward, encode_pair, encode_rows, to_device
+from dpo_lab.dpo.config import ConfigError, TrainConfig, from_dict, load_config
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected")
+
+
+def load_data(cfg: TrainConfig, tokenizer):
+    """Training and held-out rows (strings); an invalid row raises before any model is built."""
+    from dpo_lab.data import load_preferences
+    train = load_preferences(cfg.data.source, split=cfg.data.split, tokenizer=tokenizer,
+                             max_length=cfg.data.max_length, drop_invalid=cfg.data.drop_invalid).rows
+    if cfg.data.max_rows:
+        train = train[:cfg.data.max_rows]
+    held = load_preferences(cfg.data.source, split=cfg.data.eval_split, tokenizer=tokenizer,
+                            max_length=cfg.data.max_length, drop_invalid=True).rows
+    if cfg.eval.max_rows:
+        held = held[:cfg.eval.max_rows]
+    return train, held
+
+
+class EncodedRows:
+    """Rows tokenised on first use: a run touches steps x global batch rows, not all of them."""
+
+    def __init__(self, tokenizer, rows):
+        self.tokenizer, self.rows, self.cache = tokenizer, rows, {}
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if i not in self.cache:
+            self.cache[i] = encode_pair(self.tokenizer, self.rows[i])
+        return self.cache[i]
+
+
+def total_steps(cfg: TrainConfig, plan: BatchPlan) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, int(cfg.train.epochs * plan.steps_per_epoch))
+
+
+def build_policy(cfg: TrainConfig, device):
+    """4-bit base + LoRA, sharded over all ranks (a mesh of 1 at world size 1)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dpo_lab.dpo.qlora import add_lora, load_quantized, shard
+    model, tok = load_quantized(cfg.model, cfg.quant, device)
+    model = add_lora(model, cfg.lora, cfg.model.gradient_checkpointing, seed=cfg.train.seed)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return shard(model, mesh, cfg.fsdp), tok
+
+
+def dpo_step_terms(model, batch, cfg: TrainConfig, ref=None):
+    """Policy + reference log-probs of one micro-batch and the per-pair DPO terms."""
+    from dpo_lab.dpo.loss import dpo_loss
+    pc, pr = concatenated_forward(model, batch)
+    if ref is None:
+        ref = reference_logps(model, batch)
+    lengths = {}
+    if cfg.dpo.loss_type == "ipo":  # TRL's IPO uses per-token mean log-ratios
+        n = batch["loss_mask"][:, 1:].sum(-1).chunk(2)
+        lengths = {"chosen_lengths": n[0], "rejected_lengths": n[1]}
+    losses, cr, rr = dpo_loss(pc, pr, ref[0], ref[1], beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+                              label_smoothing=cfg.dpo.label_smoothing, **lengths)
+    return losses, cr, rr, pc, pr
+
+
+@torch.no_grad()
+def reference_logps(model, batch):
+    """The reference policy = the same weights with the LoRA adapters switched off."""
+    with model.disable_adapter():
+        return concatenated_forward(model, batch)
+
+
+def _sums(losses, cr, rr, pc, pr) -> torch.Tensor:
+    """Per-micro-batch sums of every logged metric (averaged over the global batch later)."""
+    return torch.stack([losses.detach().sum(), cr.sum(), rr.sum(), (cr - rr).sum(),
+                        (cr > rr).float().sum(), pc.detach().sum(), pr.detach().sum(),
+                        torch.tensor(float(len(losses)))]).double().cpu()
+
+
+def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+@torch.no_grad()
+def evaluate_preferences(model, rows, cfg: TrainConfig, device) -> dict:
+    """Held-out preference accuracy (implicit reward ranks chosen above rejected; a tie counts
+    half, so the reference itself scores 0.5) and likelihood accuracy of policy and reference
+    (log πθ(chosen) > log πθ(rejected)). Collective: rows are split over ranks."""
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    per_rank = math.ceil(len(rows) / ws)
+    mine = rows[rank * per_rank:(rank + 1) * per_rank]
+    n_batches = math.ceil(per_rank / cfg.eval.batch)
+    pad_id = cfg_pad_id(model)
+    sums = torch.zeros(6, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for b in range(n_batches):  # every rank runs the same number of forwards (FSDP collectives)
+        chunk = mine[b * cfg.eval.batch:(b + 1) * cfg.eval.batch]
+        real = len(chunk)
+        chunk = chunk or rows[:1]  # a rank without rows still joins the collectives
+        batch = to_device(collate(chunk, pad_id, cfg.data.max_length), device)
+        pc, pr = concatenated_forward(model, batch)
+        rc, rr = reference_logps(model, batch)
+        margin = ((pc - rc) - (pr - rr))[:real].double().cpu()
+        sums += torch.stack([(margin > 0).double().sum() + 0.5 * (margin == 0).double().sum(),
+                             (pc > pr)[:real].double().sum().cpu(), (rc > rr)[:real].double().sum().cpu(),
+                             (cfg.dpo.beta * margin).sum(), torch.tensor(float(real)),
+                             torch.tensor(0.0)])
+    model.train(was_training)
+    sums = _all_reduce(sums, device)
+    n = sums[4].item()
+    return {"pref_accuracy": sums[0].item() / n, "likelihood_accuracy": sums[1].item() / n,
+            "ref_likelihood_accuracy": sums[2].item() / n, "reward_margin": sums[3].item() / n,
+            "rows": int(n)}
+
+
+def cfg_pad_id(model) -> int:
+    cfg = model.config
+    return cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
+
+
+def peak_memory_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS of this rank
+
+
+def train_rank(cfg_dict: dict) -> dict:
+    """The whole run on one rank (torch.distributed is initialised). Returns what the caller
+    needs: rank 0 returns history, evaluation and memory; other ranks their memory report."""
+    from transformers import AutoTokenizer, get_scheduler
+
+    from dpo_lab.dpo.qlora import memory_report, resolve_model
+    from dpo_lab.parallel import rank_device
+    cfg = from_dict(cfg_dict)
+    rank, ws, device = dist.get_rank(), dist.get_world_size(), rank_device()
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.train.seed)
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    train_rows, held_rows = load_data(cfg, tok)
+    train_rows, held_rows = EncodedRows(tok, train_rows), encode_rows(tok, held_rows)
+    plan = BatchPlan(len(train_rows), cfg.train.micro_batch, cfg.train.grad_accum, ws, cfg.train.seed)
+    steps = total_steps(cfg, plan)
+
+    model, _ = build_policy(cfg, device)
+    memory = memory_report(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = get_scheduler(cfg.train.schedule, opt, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * steps),
+                          num_training_steps=steps)
+    pad_id = tok.pad_token_id
+
+    start, history = 0, []
+    root = out / "checkpoints"
+    last = ckpt.latest(root) if cfg.checkpoint.resume else None
+    eval_before = None
+    if last is not None:
+        state = ckpt.load(last, model, opt)
+        sched.load_state_dict(state["scheduler"])
+        start, history, eval_before = state["step"], state["history"], state.get("eval_before")
+    if eval_before is None:
+        eval_before = evaluate_preferences(model, held_rows, cfg, device)
+
+    def micro_batches(step):
+        return [to_device(collate([train_rows[i] for i in idx], pad_id, cfg.data.max_length), device)
+                for idx in plan.micro_indices(step, rank)]
+
+    ref_table = {}
+    if cfg.dpo.precompute_ref:  # one pass with adapters off; then training needs no 2nd forward
+        for s in range(start, steps):
+            for j, b in enumerate(micro_batches(s)):
+                ref_table[(s, j)] = reference_logps(model, b)
+
+    log_file = out / "log.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.dumps())
+        with open(log_file, "w") as f:  # rewritten on resume: only the kept history
+            for rec in history:
+                f.write(json.dumps(rec) + "\n")
+    bar = None
+    if rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, initial=start, desc=f"DPO ws={ws}", mininterval=1, file=sys.stderr)
+    global_batch = plan.global_batch
+    model.train()
+    t_run = time.perf_counter()
+    tokens_run = 0
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        sums = torch.zeros(8, dtype=torch.float64)
+        tokens = 0
+        for j, batch in enumerate(micro_batches(step)):
+            if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter on the last micro only
+                model.set_requires_gradient_sync(j == cfg.train.grad_accum - 1)
+            terms = dpo_step_terms(model, batch, cfg, ref_table.pop((step, j), None))
+            # / global batch: FSDP averages over ranks, so x world size restores the global mean.
+            (terms[0].sum() * ws / global_batch).backward()
+            sums += _sums(*terms)
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        sums = _all_reduce(torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)]), device)
+        n = sums[7].item()
+        rec = {"step": step + 1, **{k: sums[i].item() / n for i, k in enumerate(METRICS)},
+               "grad_norm": float(grad_norm), "learning_rate": lr, "tokens": int(sums[8].item()),
+               "seconds": time.perf_counter() - t0}
+        tokens_run += rec["tokens"]
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < steps:
+            rec.update({f"eval/{k}": v for k, v in evaluate_preferences(model, held_rows, cfg, device).items()})
+        history.append(rec)
+        if rank == 0:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if (step + 1) % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", margin=f"{rec['rewards/margins']:.3f}",
+                                acc=f"{rec['rewards/accuracies']:.2f}", refresh=False)
+            bar.update(1)
+        done = step + 1
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == steps:
+            crash = None
+            if cfg.debug.crash_while_saving == done:
+                crash = lambda: os._exit(1)  # noqa: E731  (simulated power cut mid-save)
+            ckpt.save(root, done, model, opt, {"step": done, "scheduler": sched.state_dict(),
+                                               "history": history, "eval_before": eval_before,
+                                               "world_size": ws, "data_position": done * global_batch},
+                      keep=cfg.checkpoint.keep, crash_hook=crash)
+        if cfg.debug.crash_at_step == done:
+            os._exit(1)  # simulated crash: no cleanup, like a killed job
+    if bar is not None:
+        bar.close()
+    run_seconds = time.perf_counter() - t_run
+    eval_after = evaluate_preferences(model, held_rows, cfg, device)
+    adapter_dir = ckpt.save_adapter(model, out / "adapter")
+    result = {"rank": rank, "memory": memory, "peak_memory_bytes": peak_memory_bytes(device)}
+    if rank == 0:
+        result.update(history=history, eval_before=eval_before, eval_after=eval_after,
+                      adapter_dir=str(adapter_dir), steps=steps, start_step=start,
+                      world_size=ws, global_batch=global_batch, run_seconds=run_seconds,
+                      tokens_per_s=tokens_run / run_seconds if run_seconds > 0 else 0.0,
+                      output_dir=str(out))
+        (out / "result.json").write_text(json.dumps(
+            {k: v for k, v in result.items() if k != "history"}, indent=2, default=str))
+    return result
+
+
+def train_then_restart(cfg_dict: dict, restart_step: int, restart_dir: str) -> dict:
+    """Rank function for the notebook: the run, then a restart from its step-`restart_step`
+    checkpoint into `restart_dir` with a freshly built model, optimizer, scheduler and data
+    iterator (everything a new process would rebuild), run to the end. One launch instead of
+    two; tests/test_resume.py kills a run for real instead."""
+    import shutil
+    first = train_rank(cfg_dict)
+    src = Path(cfg_dict["output_dir"]) / "checkpoints" / f"step_{restart_step:08d}"
+    dst = Path(restart_dir) / "checkpoints" / src.name
+    if dist.get_rank() == 0:
+        if not src.exists():
+            raise FileNotFoundError(f"no checkpoint {src}: set checkpoint.every to divide {restart_step} "
+                                    f"and checkpoint.keep high enough to keep it")
+        shutil.rmtree(restart_dir, ignore_errors=True)
+        shutil.copytree(src, dst)
+    dist.barrier()
+    again = train_rank({**cfg_dict, "output_dir": str(restart_dir),
+                        "checkpoint": {**cfg_dict["checkpoint"], "resume": True}})
+    first["restart"] = {k: again.get(k) for k in ("history", "start_step", "eval_after")}
+    return first
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+def preflight(cfg: TrainConfig, nproc: int, backend: str | None = None) -> None:
+    """The checks that must fail before any rank starts: ranks vs GPUs, wrappable layers,
+    and every training row (an invalid one raises dpo_lab.data.InvalidRowError with its index)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_lab.dpo.qlora import decoder_layers, resolve_model
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    if backend == "nccl" and torch.cuda.device_count() < nproc:
+        raise ConfigError(f"--nproc {nproc} needs {nproc} GPUs with nccl; {torch.cuda.device_count()} visible")
+    path = resolve_model(cfg.model.name)
+    with torch.device("meta"):  # structure only: no weights are read
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    decoder_layers(skeleton)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    load_data(cfg, tok)
+
+
+def run(cfg: TrainConfig, nproc: int = 1, timeout: float = 1800, backend: str | None = None,
+        restart_step: int | None = None, restart_dir=None) -> dict:
+    """Launch `nproc` ranks on this machine and return rank 0's result (plus every rank's memory).
+    With `restart_step`, the ranks then restart from that checkpoint (see train_then_restart)."""
+    from dpo_lab.parallel import launch, pick_backend
+    backend = backend or pick_backend(nproc)
+    preflight(cfg, nproc, backend)
+    if restart_step is None:
+        fn, args = train_rank, (cfg.to_dict(),)
+    else:
+        fn, args = train_then_restart, (cfg.to_dict(), restart_step, str(restart_dir))
+    results = launch(fn, nproc, args=args, backend=backend, timeout=timeout)
+    out = results[0]
+    out["rank_memory"] = [r["memory"] for r in results]
+    out["rank_peak_memory_bytes"] = [r["peak_memory_bytes"] for r in results]
+    return out
+
+
+def _torchrun_main(cfg: TrainConfig) -> int:
+    """Started by torchrun / accelerate launch: the environment names this rank."""
+    from datetime import timedelta
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    backend = os.environ.get("DPO_LAB_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs visible")
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    try:
+        res = train_rank(cfg.to_dict())
+        if dist.get_rank() == 0:
+            print(json.dumps(res.get("eval_after", {})))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def cli_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="dpo-lab train dpo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML file (configs/dpo/*.yaml)")
+    p.add_argument("--nproc", type=int, default=None, help="ranks to launch (default 1)")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 dpo.beta=0.2")
+    args = p.parse_args(argv)
+    from dpo_lab.data import InvalidRowError
+    from dpo_lab.dpo.qlora import WrapError
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            return _torchrun_main(cfg)
+        res = run(cfg, args.nproc or 1, timeout=args.timeout)
+    except (ConfigError, InvalidRowError, WrapError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    last = res["history"][-1]
+    print(json.dumps({"final": {k: round(v, 5) for k, v in last.items()},
+                      "eval_before": res["eval_before"], "eval_after": res["eval_after"],
+                      "adapter": res["adapter_dir"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))

@@ -1,0 +1,88 @@
+"""Rank functions of the collectives lesson and benchmark (spawned ranks need an importable module).
+
+Each is started with `launch(fn, world_size, ...)` and returns plain lists / floats to the caller.
+"""
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from dpo_lab.parallel.collectives import naive_all_reduce, ring_all_reduce
+from dpo_lab.parallel.launch import rank_device
+
+
+def collectives_tour(numel: int = 4) -> dict:
+    """Run the seven collectives on small tensors; {op: (before, after)} of this rank's values."""
+    r, n = dist.get_rank(), dist.get_world_size()
+    base = lambda k=numel: torch.arange(k, dtype=torch.float32) + 10 * r  # rank r holds 10r, 10r+1, ...
+    out = {}
+
+    x = base(); before = x.tolist(); dist.broadcast(x, src=0); out["broadcast"] = (before, x.tolist())
+    x = base(); before = x.tolist(); dist.reduce(x, dst=0)
+    out["reduce"] = (before, x.tolist() if r == 0 else [])  # only dst's result is defined
+    x = base(); before = x.tolist(); dist.all_reduce(x); out["all_reduce"] = (before, x.tolist())
+    x = base(1); y = torch.empty(n); dist.all_gather_single(y, x); out["all_gather"] = (x.tolist(), y.tolist())
+    x = base(n); y = torch.empty(1); dist.reduce_scatter_single(y, x); out["reduce_scatter"] = (x.tolist(), y.tolist())
+    x = base(n); y = torch.empty(n); dist.all_to_all_single(y, x); out["all_to_all"] = (x.tolist(), y.tolist())
+    # send/recv: every rank passes its tensor to the right neighbour around a ring.
+    x = base(); y = x.clone()  # one rank: it is its own neighbour, nothing to send
+    if n > 1:
+        ops = [dist.P2POp(dist.isend, x, (r + 1) % n), dist.P2POp(dist.irecv, y, (r - 1) % n)]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    out["send_recv"] = (x.tolist(), y.tolist())
+    return out
+
+
+def check_all_reduce(numels, seed: int = 0) -> dict:
+    """Max |hand-written − dist.all_reduce| per (algorithm, numel), and the bytes each sent."""
+    r = dist.get_rank()
+    g = torch.Generator().manual_seed(seed * 1000 + r)
+    out = {}
+    for numel in numels:
+        x = torch.randn(numel, generator=g)
+        ref = x.clone(); dist.all_reduce(ref)
+        for name, fn in (("naive", naive_all_reduce), ("ring", ring_all_reduce)):
+            y = x.clone()
+            sent = fn(y)
+            out[(name, numel)] = {"max_abs_diff": (y - ref).abs().max().item() if numel else 0.0,
+                                  "bytes_sent": sent}
+    return out
+
+
+def time_all_reduce(sizes_bytes, variants=("native", "ring"), repeat: int = 5, warmup: int = 1,
+                    budget_s: float = 1.0) -> dict:
+    """Median seconds of one all-reduce of `size` bytes of fp32, per (variant, size).
+
+    `native` is the backend's own all_reduce (gloo or nccl). Each repetition starts after a
+    barrier; a size stops repeating once it has used `budget_s` (big messages are slow on CPU)."""
+    dev = rank_device()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    fns = {"native": lambda t: dist.all_reduce(t), "ring": ring_all_reduce, "naive": naive_all_reduce}
+    out = {}
+    for size in sizes_bytes:
+        x = torch.ones(max(1, size // 4), device=dev)
+        for v in variants:
+            for _ in range(warmup):
+                fns[v](x)
+            times, spent = [], 0.0
+            while len(times) < repeat and (spent < budget_s or len(times) < 2):
+                x.fill_(1.0)
+                sync(); dist.barrier()
+                t0 = time.perf_counter()
+                fns[v](x); sync()
+                times.append(time.perf_counter() - t0)
+                spent += times[-1]
+            # The collective is done when its slowest rank is done.
+            t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            out[(v, size)] = t.item()
+    return out
+
+
+def lesson04(tour_numel, check_numels, time_sizes, repeat, seed=0, budget_s=1.0) -> dict:
+    """One launch for the notebook: the tour, the correctness checks and the timings."""
+    out = {"tour": collectives_tour(tour_numel), "check": check_all_reduce(check_numels, seed)}
+    out["times"] = time_all_reduce(time_sizes, repeat=repeat, budget_s=budget_s) if time_sizes else {}
+    return out

@@ -1,0 +1,138 @@
+"""ZeRO stages 1 and 2: shard the optimizer state (and the gradients) across data-parallel ranks.
+
+    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)            # ZeRO-1
+    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=1e-3)   # ZeRO-2
+
+Every parameter is cut into n equal pieces (the last one shorter when n does not divide it);
+rank r owns piece r of every parameter and keeps optimizer state only for its pieces. The pieces
+are views of the parameter, so stepping them updates the model in place; one all-gather then
+hands every rank the pieces it does not own. This is exact for element-wise optimizers (SGD, Adam,
+AdamW): each element's update depends only on that element's gradient and state.
+
+Stage 1 expects gradients that are already averaged (wrap the model in DataParallel). Stage 2
+does the averaging itself: as each gradient becomes ready it is reduce-scattered, so each rank
+receives only the average of its own pieces, and the full gradient is freed.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from dpo_lab.parallel.data_parallel import unique_trainable
+
+
+def shard_range(numel: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """(lo, hi, k): rank's piece [lo, hi) of a flattened tensor cut into pieces of k elements."""
+    k = math.ceil(numel / world_size)
+    lo = min(rank * k, numel)
+    return lo, min(lo + k, numel), k
+
+
+def padded(flat: torch.Tensor, total: int) -> torch.Tensor:
+    """`flat` followed by zeros up to `total` elements (collectives need equal pieces)."""
+    if flat.numel() == total:
+        return flat
+    return torch.cat([flat, flat.new_zeros(total - flat.numel())])
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    def __init__(self, params, optimizer_cls, stage: int = 1, **kwargs):
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2 (stage 3 is FullyShardedDataParallel), got {stage}")
+        if not dist.is_initialized():
+            raise RuntimeError("ShardedOptimizer needs torch.distributed initialised (start ranks with launch)")
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            raise ValueError("ShardedOptimizer takes one parameter group (a list of parameters)")
+        params = unique_trainable(params)
+        super().__init__(params, kwargs)
+        self.stage, self.rank, self.world_size = stage, dist.get_rank(), dist.get_world_size()
+        self.ranges, self.shards = [], []
+        for p in params:
+            if not p.is_contiguous():
+                raise ValueError(f"parameter of shape {tuple(p.shape)} is not contiguous")
+            lo, hi, k = shard_range(p.numel(), self.rank, self.world_size)
+            self.ranges.append((lo, hi, k))
+            self.shards.append(nn.Parameter(p.detach().view(-1)[lo:hi]))  # a view: no copy
+        self.inner = optimizer_cls(self.shards, **kwargs)
+        self.bytes_sent = 0  # ring volume of this optimizer's collectives, per rank
+        self.pending = []
+        if stage == 2:
+            for i, p in enumerate(params):
+                p.register_post_accumulate_grad_hook(lambda p, i=i: self._reduce_scatter(i, p))
+
+    def _reduce_scatter(self, i: int, p: torch.Tensor) -> None:
+        lo, hi, k = self.ranges[i]
+        full = padded(p.grad.reshape(-1), k * self.world_size).div_(self.world_size)
+        out = torch.empty(k, dtype=full.dtype, device=full.device)
+        self.bytes_sent += (self.world_size - 1) * k * full.element_size()
+        self.pending.append((i, dist.reduce_scatter_single(out, full, async_op=True), out, full))
+        p.grad = None  # the full gradient is not kept: only our piece of it
+
+    def finish_gradient_synchronization(self) -> None:
+        """Stage 2: wait for the reduce-scatters and hand each piece's gradient to the inner optimizer."""
+        for i, work, out, _ in self.pending:
+            work.wait()
+            lo, hi, _ = self.ranges[i]
+            g = out[:hi - lo]
+            shard = self.shards[i]
+            shard.grad = g if shard.grad is None else shard.grad + g
+        self.pending = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        if self.stage == 1:
+            for p, shard, (lo, hi, _) in zip(self.param_groups[0]["params"], self.shards, self.ranges):
+                shard.grad = None if p.grad is None else p.grad.view(-1)[lo:hi]
+        else:
+            self.finish_gradient_synchronization()
+        for key, value in self.param_groups[0].items():  # lr schedulers edit our param_groups
+            if key != "params":
+                self.inner.param_groups[0][key] = value
+        self.inner.step()
+        self._all_gather()
+        return loss
+
+    def _all_gather(self) -> None:
+        """One all-gather of every rank's updated pieces, each padded to its k elements."""
+        params = self.param_groups[0]["params"]
+        if self.world_size == 1 or not params:
+            return
+        send = torch.cat([padded(s.detach().reshape(-1), k) for s, (_, _, k) in zip(self.shards, self.ranges)])
+        recv = torch.empty(self.world_size * send.numel(), dtype=send.dtype, device=send.device)
+        dist.all_gather_single(recv, send)
+        self.bytes_sent += (self.world_size - 1) * send.numel() * send.element_size()
+        pieces = recv.view(self.world_size, -1)
+        offset = 0
+        for p, (_, _, k) in zip(params, self.ranges):
+            p.view(-1).copy_(pieces[:, offset:offset + k].reshape(-1)[:p.numel()])
+            offset += k
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
+        self.inner.zero_grad(set_to_none)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def rank_memory(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Bytes this rank actually holds: parameters, gradients and optimizer state."""
+    inner = getattr(optimizer, "inner", optimizer)
+    params = list(module.parameters())
+    grads = [p.grad for p in params] + [p.grad for g in inner.param_groups for p in g["params"]]
+    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {"params": storage_bytes(params), "grads": storage_bytes(grads),
+            "optimizer": storage_bytes(state)}

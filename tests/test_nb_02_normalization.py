@@ -1,0 +1,57 @@
+"""Figures of notebooks/02_normalization.ipynb (smoke profile)."""
+import pytest
+
+pytestmark = pytest.mark.notebook
+
+
+@pytest.fixture(scope="module")
+def fig(run_nb):
+    return run_nb("02_normalization")["figures"]
+
+
+def test_runs_within_the_smoke_budget(run_nb):
+    assert run_nb("02_normalization")["seconds"] < 90
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "layernorm", "rmsnorm", "weightnorm"])
+def test_each_norm_equals_its_torch_twin(fig, kind):
+    assert 0 <= fig[f"max_abs_diff_vs_torch_{kind}"] <= 1e-5
+
+
+def test_batchnorm_depends_on_the_batch(fig):
+    assert fig["bn_spread_batch2"] > 3 * fig["bn_spread_batch64"] > 0
+    assert fig["layernorm_spread_batch2"] == 0
+    assert fig["bn_train_eval_gap_batch2"] > 3 * fig["bn_train_eval_gap_batch64"]
+    assert fig["bn_batch1_output_minus_bias"] <= 1e-6
+
+
+def test_invariances(fig):
+    assert fig["layernorm_scale_invariance_max_diff"] < 1e-4
+    assert fig["layernorm_shift_invariance_max_diff"] < 1e-4
+    assert fig["rmsnorm_scale_invariance_max_diff"] < 1e-4
+    assert fig["rmsnorm_shift_max_diff"] > 0.1
+
+
+def test_gradients_at_init(fig):
+    # pre-norm: each layer's gradient shrinks as the stack deepens; post-norm: it does not
+    assert fig["prenorm_grad_last_layer_d48_over_d6"] < 0.7
+    assert 0.7 < fig["postnorm_grad_last_layer_d48_over_d6"] < 1.5
+
+
+def test_prenorm_trains_at_every_depth(fig):
+    keys = [k for k in fig if k.startswith("prenorm_d") and k.endswith("_outcome")]
+    assert len(keys) >= 4
+    assert all(fig[k] == "trained" for k in keys)
+
+
+def test_deepest_postnorm_needs_warmup(fig):
+    depths = sorted(int(k.split("_")[1][1:]) for k in fig if k.startswith("postnorm_d") and k.endswith("_outcome"))
+    deep = depths[-1]
+    assert fig[f"postnorm_d{deep}_nowarmup_outcome"] in ("stalled", "diverged")
+    assert fig[f"postnorm_d{deep}_warmup_outcome"] == "trained"
+    assert fig[f"postnorm_d{deep}_nowarmup_final_loss"] > fig[f"prenorm_d{deep}_nowarmup_final_loss"] + 1.0
+    assert fig[f"postnorm_d{depths[0]}_nowarmup_outcome"] == "trained"  # shallow stacks are fine
+
+
+def test_scratch_rmsnorm_is_cheaper_than_scratch_layernorm(fig):
+    assert fig["scratch_rmsnorm_over_layernorm_time"] < 1.0
