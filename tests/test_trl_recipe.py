@@ -67,3 +67,16 @@ def test_training_losses_equal_dpo_lab_trainer(setup):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
     assert ours[-1]["loss"] < ours[0]["loss"] - 0.02
+
+
+def test_accelerate_configs():
+    import yaml
+    fsdp = yaml.safe_load((CONFIG_DIR / "accelerate" / "fsdp_qlora.yaml").read_text())
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
+    assert fsdp["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    ds = yaml.safe_load((CONFIG_DIR / "accelerate" / "deepspeed_zero3.yaml").read_text())
+    assert ds["distributed_type"] == "DEEPSPEED" and ds["deepspeed_config"]["zero_stage"] == 3
+    for name in ("llama3_8b_2gpu.yaml", "llama3_8b_8gpu.yaml"):  # the GPU recipes keep storage = dtype
+        cfg = load_config(CONFIG_DIR / "dpo" / name)
+        assert cfg.quant.storage_dtype == cfg.model.dtype == "bfloat16"
+        assert cfg.model.gradient_checkpointing

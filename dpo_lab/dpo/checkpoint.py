@@ -93,8 +93,14 @@ def load(path, model, optimizer) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTS)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"], options=_OPTS)
+    # strict=False: the frozen 4-bit base is not in the checkpoint (it comes from the model files);
+    # every trainable tensor must be, though.
+    res = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                         options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in getattr(res, "missing_keys", []) if k in trainable]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks trainable tensors: {missing[:5]}")
     rng_file = path / f"rng_rank{_rank()}.pt"
     if not rng_file.exists():
         raise FileNotFoundError(f"{rng_file} missing: resume with the world size the checkpoint "

@@ -106,6 +106,7 @@ class EvalConfig:
 class DebugConfig:
     crash_at_step: int | None = None      # os._exit(1) on every rank right after this step (tests)
     crash_while_saving: int | None = None  # die halfway through writing this step's checkpoint
+    stop_after: int | None = None       # end cleanly after this step (the schedule still spans max_steps)
 
 
 @dataclass

@@ -162,6 +162,13 @@ def train_rank(cfg_dict: dict) -> dict:
     from dpo_lab.parallel import rank_device
     cfg = from_dict(cfg_dict)
     rank, ws, device = dist.get_rank(), dist.get_world_size(), rank_device()
+    clock, t_mark = {}, time.perf_counter()
+
+    def lap(name):  # seconds spent in each phase, returned with the result
+        nonlocal t_mark
+        now = time.perf_counter()
+        clock[name] = clock.get(name, 0.0) + now - t_mark
+        t_mark = now
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.train.seed)
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name))
@@ -172,8 +179,10 @@ def train_rank(cfg_dict: dict) -> dict:
     plan = BatchPlan(len(train_rows), cfg.train.micro_batch, cfg.train.grad_accum, ws, cfg.train.seed)
     steps = total_steps(cfg, plan)
 
+    lap("data")
     model, _ = build_policy(cfg, device)
     memory = memory_report(model)
+    lap("load_and_shard")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = get_scheduler(cfg.train.schedule, opt, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * steps),
@@ -188,8 +197,10 @@ def train_rank(cfg_dict: dict) -> dict:
         state = ckpt.load(last, model, opt)
         sched.load_state_dict(state["scheduler"])
         start, history, eval_before = state["step"], state["history"], state.get("eval_before")
+    lap("resume")
     if eval_before is None:
         eval_before = evaluate_preferences(model, held_rows, cfg, device)
+    lap("eval")
 
     def micro_batches(step):
         return [to_device(collate([train_rows[i] for i in idx], pad_id, cfg.data.max_length), device)
@@ -197,7 +208,7 @@ def train_rank(cfg_dict: dict) -> dict:
 
     ref_table = {}
     if cfg.dpo.precompute_ref:  # one pass with adapters off; then training needs no 2nd forward
-        for s in range(start, steps):
+        for s in range(start, min(steps, cfg.debug.stop_after or steps)):
             for j, b in enumerate(micro_batches(s)):
                 ref_table[(s, j)] = reference_logps(model, b)
 
@@ -214,9 +225,11 @@ def train_rank(cfg_dict: dict) -> dict:
         bar = tqdm(total=steps, initial=start, desc=f"DPO ws={ws}", mininterval=1, file=sys.stderr)
     global_batch = plan.global_batch
     model.train()
+    lap("setup")
     t_run = time.perf_counter()
     tokens_run = 0
-    for step in range(start, steps):
+    end = min(steps, cfg.debug.stop_after or steps)
+    for step in range(start, end):
         t0 = time.perf_counter()
         sums = torch.zeros(8, dtype=torch.float64)
         tokens = 0
@@ -240,7 +253,7 @@ def train_rank(cfg_dict: dict) -> dict:
                "grad_norm": float(grad_norm), "learning_rate": lr, "tokens": int(sums[8].item()),
                "seconds": time.perf_counter() - t0}
         tokens_run += rec["tokens"]
-        if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < steps:
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < end:
             rec.update({f"eval/{k}": v for k, v in evaluate_preferences(model, held_rows, cfg, device).items()})
         history.append(rec)
         if rank == 0:
@@ -251,7 +264,7 @@ def train_rank(cfg_dict: dict) -> dict:
                                 acc=f"{rec['rewards/accuracies']:.2f}", refresh=False)
             bar.update(1)
         done = step + 1
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == steps:
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end:
             crash = None
             if cfg.debug.crash_while_saving == done:
                 crash = lambda: os._exit(1)  # noqa: E731  (simulated power cut mid-save)
@@ -264,9 +277,13 @@ def train_rank(cfg_dict: dict) -> dict:
     if bar is not None:
         bar.close()
     run_seconds = time.perf_counter() - t_run
+    lap("train")
     eval_after = evaluate_preferences(model, held_rows, cfg, device)
+    lap("eval")
     adapter_dir = ckpt.save_adapter(model, out / "adapter")
-    result = {"rank": rank, "memory": memory, "peak_memory_bytes": peak_memory_bytes(device)}
+    lap("save_adapter")
+    result = {"rank": rank, "memory": memory, "peak_memory_bytes": peak_memory_bytes(device),
+              "phase_seconds": clock}
     if rank == 0:
         result.update(history=history, eval_before=eval_before, eval_after=eval_after,
                       adapter_dir=str(adapter_dir), steps=steps, start_step=start,
@@ -323,7 +340,7 @@ def preflight(cfg: TrainConfig, nproc: int, backend: str | None = None) -> None:
 
 
 def run(cfg: TrainConfig, nproc: int = 1, timeout: float = 1800, backend: str | None = None,
-        restart_step: int | None = None, restart_dir=None) -> dict:
+        restart_step: int | None = None, restart_dir=None, threads_per_rank: int | None = None) -> dict:
     """Launch `nproc` ranks on this machine and return rank 0's result (plus every rank's memory).
     With `restart_step`, the ranks then restart from that checkpoint (see train_then_restart)."""
     from dpo_lab.parallel import launch, pick_backend
@@ -333,7 +350,8 @@ def run(cfg: TrainConfig, nproc: int = 1, timeout: float = 1800, backend: str | 
         fn, args = train_rank, (cfg.to_dict(),)
     else:
         fn, args = train_then_restart, (cfg.to_dict(), restart_step, str(restart_dir))
-    results = launch(fn, nproc, args=args, backend=backend, timeout=timeout)
+    results = launch(fn, nproc, args=args, backend=backend, timeout=timeout,
+                     threads_per_rank=threads_per_rank)
     out = results[0]
     out["rank_memory"] = [r["memory"] for r in results]
     out["rank_peak_memory_bytes"] = [r["peak_memory_bytes"] for r in results]

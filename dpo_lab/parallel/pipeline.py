@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dpo_lab.arch.transformer import TinyTransformer
 from dpo_lab.parallel.schedules import make_schedule
 
 
@@ -64,6 +65,8 @@ def run_pipeline(chunks: dict[int, Chunk], schedule, microbatches, targets, t_f:
     is uniform and bubbles can be compared with the formulas. Returns (events, loss or None,
     peak number of micro-batch chunks whose activations were held)."""
     rank, p = dist.get_rank(), dist.get_world_size()
+    if len(schedule) != p:
+        raise ValueError(f"schedule has {len(schedule)} stages but the job has {p} ranks")
     t_b = 2 * t_f if t_b is None else t_b
     v = len(chunks)
     last_vs = v * p - 1
@@ -132,8 +135,7 @@ def pipeline_rank(settings, seed: int = 0, t_f: float = 0.01, vocab: int = 64, d
     for name, m, v in settings:
         torch.manual_seed(seed)
         n_layers = max(p * v, 2)
-        model = __import__("dpo_lab.arch.transformer", fromlist=["TinyTransformer"]).TinyTransformer(
-            vocab, dim, n_layers, n_heads)
+        model = TinyTransformer(vocab, dim, n_layers, n_heads)
         tokens = torch.randint(0, vocab, (m * mb_size, seq))
         targets = torch.randint(0, vocab, (m * mb_size, seq))
         parts = split_model(model, p * v)
@@ -182,3 +184,17 @@ def gather_runs(per_rank: list[list[dict]]) -> list[dict]:
                        "loss_err": abs(loss - first["ref_loss"]),
                        "grad_err": max(r["grad_err"] for r in runs)})
     return merged
+
+
+def plot_timeline(ax, events, p: int, title: str = ""):
+    """Gantt chart of executed events: one row per stage, forwards light, backwards dark,
+    labelled with the micro-batch (and chunk, when interleaved)."""
+    colors = {("F", 0): "#9ecae1", ("B", 0): "#3182bd", ("F", 1): "#fdd0a2", ("B", 1): "#e6550d"}
+    for rank, kind, mb, chunk, start, end in events:
+        ax.barh(rank, end - start, left=start, color=colors[(kind, chunk % 2)], edgecolor="k", lw=0.3)
+        ax.text((start + end) / 2, rank, f"{mb}" if chunk == 0 else f"{mb}'", ha="center", va="center",
+                fontsize=6)
+    ax.set_yticks(range(p), [f"stage {r}" for r in range(p)])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_title(title, fontsize=9)

@@ -166,13 +166,18 @@ def block_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, sequence_
     return elems * bytes_per_elem + 2 * s * head_dim * bytes_per_elem + s * s
 
 
-def korthikanti_bytes(s: int, b: int, h: int, a: int, t: int = 1, sequence_parallel: bool = False) -> float:
-    """Megatron's per-layer activation bytes (bf16, dropout, LayerNorm): Korthikanti et al. 2022."""
+def korthikanti_bytes(s: int, b: int, h: int, a: int, t: int = 1, sequence_parallel: bool = False,
+                      selective_recompute: bool = False) -> float:
+    """Megatron's per-layer activation bytes (bf16, dropout, LayerNorm): Korthikanti et al. 2022.
+
+    The 5as/h term is the attention scores, softmax and its dropout; selective recomputation (or a
+    fused attention kernel) recomputes them in backward instead of storing them, removing it."""
+    scores = 0.0 if selective_recompute else 5 * a * s / h
     if t == 1:
-        return s * b * h * (34 + 5 * a * s / h)
+        return s * b * h * (34 + scores)
     if not sequence_parallel:
-        return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
-    return s * b * h / t * (34 + 5 * a * s / h)
+        return s * b * h * (10 + 24 / t + scores / t)
+    return s * b * h / t * (34 + scores)
 
 
 # --- the check run on every rank: unsplit vs TP vs TP+SP ----------------------------------

@@ -12,6 +12,7 @@ heads the same way: q/k/v column-parallel by heads, o_proj row-parallel.
 
 Every collective is recorded in COLLECTIVES so tests and notebooks can count them.
 """
+import copy
 import re
 from collections import Counter
 from contextlib import contextmanager
@@ -201,8 +202,8 @@ class ParallelBlock(nn.Module):
         else:
             enter, exit = copy_to_tp, reduce_from_tp
         self.sequence_parallel = sequence_parallel
-        self.attn_norm = _copy_module(block.attn_norm)
-        self.mlp_norm = _copy_module(block.mlp_norm)
+        self.attn_norm = copy.deepcopy(block.attn_norm)
+        self.mlp_norm = copy.deepcopy(block.mlp_norm)
         self.attn = ParallelAttention(block.attn, group, enter, exit)
         self.mlp = ParallelMLP(block.mlp, group, enter, exit)
         if sequence_parallel:  # these see only a sequence shard: their grads are partial sums
@@ -212,11 +213,6 @@ class ParallelBlock(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
-
-
-def _copy_module(m: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(m)
 
 
 # --- vocabulary parallel -----------------------------------------------------------------
@@ -308,7 +304,7 @@ class TensorParallelLM(nn.Module):
             from dpo_lab.parallel.sequence import reduce_scatter_to_sequence as exit
         self.embed = VocabParallelEmbedding(model.embed, group, exit)
         self.blocks = nn.ModuleList(ParallelBlock(b, group, sequence_parallel) for b in model.blocks)
-        self.norm = _copy_module(model.norm)
+        self.norm = copy.deepcopy(model.norm)
         if sequence_parallel:
             for p in self.norm.parameters():
                 p.sequence_parallel = True

@@ -1,0 +1,48 @@
+"""Figures of notebooks/06_dpo_fsdp_qlora.ipynb (smoke profile: 2 CPU ranks, FSDP2 + QLoRA)."""
+import math
+
+import pytest
+
+pytestmark = pytest.mark.notebook
+
+
+@pytest.fixture(scope="module")
+def fig(run_nb):
+    return run_nb("06_dpo_fsdp_qlora")["figures"]
+
+
+def test_runs_within_the_smoke_budget(run_nb):
+    assert run_nb("06_dpo_fsdp_qlora")["seconds"] < 90
+
+
+def test_nf4_double_quant_bytes_per_param(fig):
+    # 4 bits + 8-bit absmax per 64 weights + fp32 per 256 absmax (+ one offset per tensor)
+    expected = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+    assert fig["base_bytes_per_param"] == pytest.approx(expected, abs=0.001)
+
+
+def test_each_rank_holds_its_share(fig):
+    assert fig["world_size"] == 2
+    assert fig["rank0_base_param_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert fig["rank0_adapter_param_fraction"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_same_global_batch_on_1_and_2_ranks(fig):
+    assert 0 <= fig["ws2_vs_ws1_loss_max_abs_diff"] < 1e-4
+
+
+def test_resume_equals_uninterrupted(fig):
+    assert 0 <= fig["resume_vs_uninterrupted_max_abs_diff"] <= 1e-6
+
+
+def test_training_moves_the_right_way(fig):
+    assert fig["loss_step1"] == pytest.approx(math.log(2), abs=1e-5)
+    assert fig["loss_last_quarter"] < fig["loss_first_quarter"] - 0.02
+    assert fig["margin_last_quarter"] > 0.05
+
+
+def test_evaluation_moves_the_right_way(fig):
+    assert fig["pref_accuracy_before"] == 0.5  # the reference ties every pair
+    assert fig["pref_accuracy_after"] > 0.55
+    assert fig["likelihood_accuracy_after"] > fig["likelihood_accuracy_before"] + 0.03
+    assert fig["task_success_after"] > fig["task_success_before"]

@@ -1,0 +1,22 @@
+import pytest
+
+
+@pytest.mark.notebook
+def test_expert_parallel_notebook(run_nb):
+    out = run_nb("09_expert_parallel")
+    f = out["figures"]
+    assert f["n_experts"] == 4 and f["top_k"] == 2 and f["ep_world_size"] == 2
+    # Leaning tokens load the experts unevenly; the balancing loss sees it (1.0 = even).
+    assert f["load_max_over_mean_leaning"] > 1.4 > f["load_max_over_mean_isotropic"]
+    assert f["aux_loss_leaning"] > 1.1 and f["aux_loss_isotropic"] == pytest.approx(1.0, abs=0.05)
+    # What capacity costs: drops at factor 1 when skewed, none at 4.
+    assert f["dropped_cf1_leaning"] > 0.1 > f["dropped_cf1_isotropic"]
+    assert f["dropped_cf2_leaning"] < f["dropped_cf1_leaning"] and f["dropped_cf4_leaning"] == 0
+    # Expert parallel equals the single process, dropping the very same tokens.
+    assert f["ep_max_abs_err"] < 1e-5 and f["ep_same_dropped_all_ranks"] is True
+    assert f["ep_dropped_total"] > 0
+    assert f["ep_all_to_all_forward"] == 2 and f["ep_all_to_all_backward"] == 2
+    # 2 x 2 mesh training equals one process, and learns.
+    assert f["mesh_loss_max_abs_err"] < 1e-5 and f["mesh_param_max_abs_err"] < 1e-4
+    assert f["mesh_last_loss"] < f["mesh_first_loss"] - 0.5
+    assert out["seconds"] < 120
