@@ -77,7 +77,7 @@ def load_model(name_or_path, dtype=None, quantization_config=None, trust_remote_
 
 # --- SFT on the task -------------------------------------------------------------------------
 
-SFT_DEFAULTS = dict(arch="qwen2", steps=1500, batch_size=64, lr=3e-3, warmup=100, seed=0)
+SFT_DEFAULTS = dict(arch="qwen2", steps=1200, batch_size=64, lr=1e-3, weight_decay=0.1, warmup=100, seed=0)
 
 
 def encode_sft(tokenizer, rows):
@@ -96,12 +96,12 @@ def _pad(seqs, value):
     return torch.tensor([[value] * (width - len(s)) + s for s in seqs])
 
 
-def train_sft(model, tokenizer, rows, steps, batch_size, lr, warmup, seed, progress=True):
+def train_sft(model, tokenizer, rows, steps, batch_size, lr, warmup, seed, weight_decay=0.1, progress=True):
     """Plain supervised fine-tuning: cross-entropy on completion tokens, AdamW, cosine decay."""
     from tqdm.auto import tqdm
     ids, masks = encode_sft(tokenizer, rows)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                               (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
@@ -141,7 +141,7 @@ def sft_model_dir(steps: int | None = None, progress: bool = True, **overrides) 
     torch.manual_seed(settings["seed"])
     losses = train_sft(model, tokenizer, task.read_jsonl(data_file), settings["steps"],
                        settings["batch_size"], settings["lr"], settings["warmup"], settings["seed"],
-                       progress)
+                       settings["weight_decay"], progress)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

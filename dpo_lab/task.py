@@ -20,7 +20,9 @@ from dpo_lab.paths import DATA_DIR
 
 TASK_DIR = DATA_DIR / "arith"
 SEED = 1234
-MAX_A, MAX_B = 99, 9  # a two-digit number plus a digit: small enough for a tiny model
+# A two-digit number plus a digit, sums below 100: every prompt and answer has the same digit
+# positions, which lets a tiny model learn the rule rather than memorise problems.
+MIN_A, MAX_A, MAX_B = 10, 89, 9
 
 
 def answer(a: int, b: int) -> str:
@@ -80,10 +82,10 @@ def slip(a: int, b: int, rng: random.Random) -> str:
 
 
 def all_problems() -> list[tuple[int, int]]:
-    return [(a, b) for a in range(MAX_A + 1) for b in range(MAX_B + 1)]
+    return [(a, b) for a in range(MIN_A, MAX_A + 1) for b in range(MAX_B + 1)]
 
 
-def split_problems(seed: int = SEED, n_test: int = 200):
+def split_problems(seed: int = SEED, n_test: int = 160):
     """Disjoint train/test problems: the test set measures generalisation, not memory."""
     problems = all_problems()
     random.Random(seed).shuffle(problems)
@@ -96,11 +98,16 @@ def preference_rows(problems, seed: int) -> list[dict]:
             for a, b in problems]
 
 
-def sft_rows(problems, seed: int, carry_error: float = 0.6, slip_rate: float = 0.05) -> list[dict]:
-    """Demonstrations: a carry is forgotten with probability carry_error, other slips are rarer."""
+def sft_rows(problems, seed: int, carry_error: float = 0.6, slip_rate: float = 0.05,
+             per_problem: int = 3) -> list[dict]:
+    """Demonstrations: a carry is forgotten with probability carry_error, other slips are rarer.
+
+    Several demonstrations per problem, so a model learns the demonstrator's distribution
+    (mostly forgetting carries) rather than one memorised answer per problem.
+    """
     rng = random.Random(seed)
     rows = []
-    for a, b in problems:
+    for a, b in [p for p in problems for _ in range(per_problem)]:
         if needs_carry(a, b) and rng.random() < carry_error:
             completion = dropped_carry(a, b)
         elif rng.random() < slip_rate:
@@ -123,7 +130,7 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def generate(out_dir: Path = TASK_DIR, seed: int = SEED, n_test: int = 200) -> dict:
+def generate(out_dir: Path = TASK_DIR, seed: int = SEED, n_test: int = 160) -> dict:
     """Write sft.jsonl, train.jsonl (preferences) and test.jsonl; return their paths."""
     train, test = split_problems(seed, n_test)
     files = {"sft": Path(out_dir) / "sft.jsonl", "train": Path(out_dir) / "train.jsonl",

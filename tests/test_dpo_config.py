@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from dpo_lab.dpo.batching import BatchPlan, collate, encode_pair
 from dpo_lab.dpo.config import ConfigError, load_config

@@ -6,7 +6,6 @@ The first steps are warm-up and are not timed; throughput counts non-padding tok
 policy forward (chosen + rejected). Peak memory is the peak RSS of the training process(es)
 on CPU (it includes Python and the libraries), peak allocated bytes on a GPU.
 """
-import resource
 import tempfile
 import time
 
@@ -20,6 +19,7 @@ WARMUP = 2
 def _trl(cfg, steps: int) -> dict:
     from transformers import TrainerCallback
 
+    from dpo_lab.dpo.trainer import cpu_peak_rss
     from dpo_lab.dpo.trl_recipe import build_trainer
 
     class Clock(TrainerCallback):
@@ -40,8 +40,7 @@ def _trl(cfg, steps: int) -> dict:
     # num_tokens is cumulative (attention-mask tokens of chosen + rejected)
     tokens = logs[-1]["num_tokens"] - logs[WARMUP - 1]["num_tokens"]
     seconds = clock.t[-1] - clock.t[WARMUP - 1]
-    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else cpu_peak_rss()
     return {"tokens_per_s": tokens / seconds, "peak_mem_mb": peak / 2**20, "final_loss": logs[-1]["loss"]}
 
 

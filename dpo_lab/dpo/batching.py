@@ -111,3 +111,18 @@ class BatchPlan:
         idx = self.global_indices(step)
         chunks = [idx[i:i + self.micro_batch] for i in range(0, len(idx), self.micro_batch)]
         return chunks[rank * self.grad_accum:(rank + 1) * self.grad_accum]
+
+
+class EncodedRows:
+    """Rows tokenised on first use: a run touches steps x global batch rows, not all of them."""
+
+    def __init__(self, tokenizer, rows):
+        self.tokenizer, self.rows, self.cache = tokenizer, rows, {}
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if i not in self.cache:
+            self.cache[i] = encode_pair(self.tokenizer, self.rows[i])
+        return self.cache[i]

@@ -193,7 +193,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         (cfg.quant.storage_dtype in DTYPES + ("uint8",), "quant.storage_dtype must be a float dtype"),
         (cfg.quant.storage_dtype != "uint8" or not cfg.quant.load_in_4bit,
          "quant.storage_dtype=uint8 cannot be sharded by FSDP (it shards floating tensors only)"),
-        (cfg.quant.quant_type in ("nf4", "fp4"), f"quant.quant_type must be nf4 or fp4"),
+        (cfg.quant.quant_type in ("nf4", "fp4"), "quant.quant_type must be nf4 or fp4"),
         (cfg.lora.dtype in DTYPES, f"lora.dtype must be one of {DTYPES}"),
         (cfg.lora.r > 0 and cfg.lora.alpha > 0, "lora.r and lora.alpha must be positive"),
         (cfg.dpo.loss_type in LOSS_TYPES, f"dpo.loss_type must be one of {LOSS_TYPES}, "

@@ -4,9 +4,12 @@ The trained adapter is loaded the way a user would load it (PeftModel.from_pretr
 4-bit base), so this also checks that the saved adapter is a valid PEFT adapter. "Before" is the
 same model with the adapter disabled, i.e. the SFT model.
 """
-import torch
+import math
 
-from dpo_lab.dpo.batching import collate, concatenated_forward, encode_rows
+import torch
+import torch.distributed as dist
+
+from dpo_lab.dpo.batching import collate, concatenated_forward, encode_rows, to_device
 from dpo_lab.dpo.qlora import bnb_config, resolve_model, DTYPE
 
 
@@ -73,3 +76,46 @@ def evaluate_run(cfg, adapter_dir, rows, max_new_tokens: int = 8) -> dict:
                                                 cfg.data.max_length).items()})
     out["pref_accuracy_before"] = 0.5  # the reference's implicit reward is 0 for every answer
     return out
+
+
+# --- inside the ranks, on the sharded model ---------------------------------------------------
+
+@torch.no_grad()
+def evaluate_preferences(model, rows, cfg, device) -> dict:
+    """Held-out preference accuracy (implicit reward ranks chosen above rejected; a tie counts
+    half, so the reference itself scores 0.5) and likelihood accuracy of policy and reference
+    (log πθ(chosen) > log πθ(rejected)). Collective: rows are split over ranks."""
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    per_rank = math.ceil(len(rows) / ws)
+    mine = rows[rank * per_rank:(rank + 1) * per_rank]
+    n_batches = math.ceil(per_rank / cfg.eval.batch)
+    pad_id = cfg_pad_id(model)
+    sums = torch.zeros(6, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for b in range(n_batches):  # every rank runs the same number of forwards (FSDP collectives)
+        chunk = mine[b * cfg.eval.batch:(b + 1) * cfg.eval.batch]
+        real = len(chunk)
+        chunk = chunk or rows[:1]  # a rank without rows still joins the collectives
+        batch = to_device(collate(chunk, pad_id, cfg.data.max_length), device)
+        pc, pr = concatenated_forward(model, batch)
+        with model.disable_adapter():
+            rc, rr = concatenated_forward(model, batch)
+        margin = ((pc - rc) - (pr - rr))[:real].double().cpu()
+        sums += torch.stack([(margin > 0).double().sum() + 0.5 * (margin == 0).double().sum(),
+                             (pc > pr)[:real].double().sum().cpu(), (rc > rr)[:real].double().sum().cpu(),
+                             (cfg.dpo.beta * margin).sum(), torch.tensor(float(real)),
+                             torch.tensor(0.0)])
+    model.train(was_training)
+    sums = sums.to(device)
+    dist.all_reduce(sums)  # every rank gets the totals
+    sums = sums.cpu()
+    n = sums[4].item()
+    return {"pref_accuracy": sums[0].item() / n, "likelihood_accuracy": sums[1].item() / n,
+            "ref_likelihood_accuracy": sums[2].item() / n, "reward_margin": sums[3].item() / n,
+            "rows": int(n)}
+
+
+def cfg_pad_id(model) -> int:
+    cfg = model.config
+    return cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)

@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 
 from dpo_lab.dpo import checkpoint as ckpt
-from dpo_lab.dpo.batching import BatchPlan, collate, concatenated_forward, encode_pair, encode_rows, to_device
+from dpo_lab.dpo.batching import (BatchPlan, EncodedRows, collate, concatenated_forward, encode_rows,
+                                  to_device)
 from dpo_lab.dpo.config import ConfigError, TrainConfig, from_dict, load_config
+from dpo_lab.dpo.evaluate import evaluate_preferences
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected")
@@ -40,21 +42,6 @@ def load_data(cfg: TrainConfig, tokenizer):
     if cfg.eval.max_rows:
         held = held[:cfg.eval.max_rows]
     return train, held
-
-
-class EncodedRows:
-    """Rows tokenised on first use: a run touches steps x global batch rows, not all of them."""
-
-    def __init__(self, tokenizer, rows):
-        self.tokenizer, self.rows, self.cache = tokenizer, rows, {}
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        if i not in self.cache:
-            self.cache[i] = encode_pair(self.tokenizer, self.rows[i])
-        return self.cache[i]
 
 
 def total_steps(cfg: TrainConfig, plan: BatchPlan) -> int:
@@ -109,48 +96,22 @@ def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
     return t.cpu()
 
 
-@torch.no_grad()
-def evaluate_preferences(model, rows, cfg: TrainConfig, device) -> dict:
-    """Held-out preference accuracy (implicit reward ranks chosen above rejected; a tie counts
-    half, so the reference itself scores 0.5) and likelihood accuracy of policy and reference
-    (log πθ(chosen) > log πθ(rejected)). Collective: rows are split over ranks."""
-    rank, ws = dist.get_rank(), dist.get_world_size()
-    per_rank = math.ceil(len(rows) / ws)
-    mine = rows[rank * per_rank:(rank + 1) * per_rank]
-    n_batches = math.ceil(per_rank / cfg.eval.batch)
-    pad_id = cfg_pad_id(model)
-    sums = torch.zeros(6, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    for b in range(n_batches):  # every rank runs the same number of forwards (FSDP collectives)
-        chunk = mine[b * cfg.eval.batch:(b + 1) * cfg.eval.batch]
-        real = len(chunk)
-        chunk = chunk or rows[:1]  # a rank without rows still joins the collectives
-        batch = to_device(collate(chunk, pad_id, cfg.data.max_length), device)
-        pc, pr = concatenated_forward(model, batch)
-        rc, rr = reference_logps(model, batch)
-        margin = ((pc - rc) - (pr - rr))[:real].double().cpu()
-        sums += torch.stack([(margin > 0).double().sum() + 0.5 * (margin == 0).double().sum(),
-                             (pc > pr)[:real].double().sum().cpu(), (rc > rr)[:real].double().sum().cpu(),
-                             (cfg.dpo.beta * margin).sum(), torch.tensor(float(real)),
-                             torch.tensor(0.0)])
-    model.train(was_training)
-    sums = _all_reduce(sums, device)
-    n = sums[4].item()
-    return {"pref_accuracy": sums[0].item() / n, "likelihood_accuracy": sums[1].item() / n,
-            "ref_likelihood_accuracy": sums[2].item() / n, "reward_margin": sums[3].item() / n,
-            "rows": int(n)}
-
-
-def cfg_pad_id(model) -> int:
-    cfg = model.config
-    return cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
-
-
 def peak_memory_bytes(device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS of this rank
+    return cpu_peak_rss()
+
+
+def cpu_peak_rss() -> int:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited from
+    the parent that spawned the rank)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def train_rank(cfg_dict: dict) -> dict:
@@ -191,9 +152,20 @@ def train_rank(cfg_dict: dict) -> dict:
 
     start, history = 0, []
     root = out / "checkpoints"
+    if not cfg.checkpoint.resume and rank == 0 and root.exists():
+        import shutil
+        shutil.rmtree(root)  # a fresh run: never mix in checkpoints of an earlier one
+    dist.barrier()
     last = ckpt.latest(root) if cfg.checkpoint.resume else None
     eval_before = None
+    fingerprint = {k: cfg_dict[k] for k in ("model", "data", "quant", "lora", "dpo", "train")}
     if last is not None:
+        saved = json.loads((last / "trainer_state.json").read_text()).get("config", fingerprint)
+        changed = [f"{sec}.{k}" for sec in fingerprint for k in fingerprint[sec]
+                   if saved.get(sec, {}).get(k) != fingerprint[sec][k]]
+        if changed:
+            raise ConfigError(f"{last} was written with different settings ({', '.join(changed)}); "
+                              f"use another output_dir or checkpoint.resume=false")
         state = ckpt.load(last, model, opt)
         sched.load_state_dict(state["scheduler"])
         start, history, eval_before = state["step"], state["history"], state.get("eval_before")
@@ -269,6 +241,7 @@ def train_rank(cfg_dict: dict) -> dict:
             if cfg.debug.crash_while_saving == done:
                 crash = lambda: os._exit(1)  # noqa: E731  (simulated power cut mid-save)
             ckpt.save(root, done, model, opt, {"step": done, "scheduler": sched.state_dict(),
+                                               "config": fingerprint,
                                                "history": history, "eval_before": eval_before,
                                                "world_size": ws, "data_position": done * global_batch},
                       keep=cfg.checkpoint.keep, crash_hook=crash)
