@@ -66,7 +66,7 @@ def test_two_ranks_shard_train_log_and_save_a_peft_adapter(tmp_path):
     from dpo_lab.dpo.trainer import run
     from dpo_lab.task import TASK_DIR, read_jsonl
     cfg = load_config(TINY, ["train.max_steps=4", "train.micro_batch=8", "eval.max_rows=32",
-                             "checkpoint.resume=false", f"output_dir={tmp_path}"])
+                             "train.lr=3e-3", "checkpoint.resume=false", f"output_dir={tmp_path}"])
     res = run(cfg, nproc=2, timeout=600)
     # real sharding: each rank holds half of the 4-bit base and of the adapters
     for mem in res["rank_memory"]:

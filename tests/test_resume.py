@@ -27,8 +27,8 @@ def test_killed_while_saving_then_resumed_equals_uninterrupted(tmp_path):
 
     def cfg(out, *extra):
         return load_config(CONFIG_DIR / "dpo" / "tiny_cpu.yaml", [
-            "train.max_steps=6", "train.micro_batch=8", "checkpoint.every=2", "checkpoint.keep=3",
-            "eval.max_rows=16", f"output_dir={out}", *extra])
+            "train.max_steps=6", "train.micro_batch=8", "train.lr=3e-3", "checkpoint.every=2",
+            "checkpoint.keep=3", "eval.max_rows=16", f"output_dir={out}", *extra])
 
     whole = run(cfg(tmp_path / "whole", "checkpoint.resume=false"), nproc=2, timeout=600)
     # Both ranks die after writing their shards of step 4 but before it is complete.

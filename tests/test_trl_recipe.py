@@ -7,7 +7,7 @@ from dpo_lab.paths import CONFIG_DIR
 from dpo_lab.task import TASK_DIR, read_jsonl
 
 # One global batch of 16 pairs, no warm-up: both trainers see the same batch at every step.
-OVERRIDES = ["train.max_steps=3", "train.warmup_ratio=0", "train.schedule=constant",
+OVERRIDES = ["train.max_steps=3", "train.warmup_ratio=0", "train.schedule=constant", "train.lr=2e-3",
              "data.max_rows=16", "train.micro_batch=16", "eval.max_rows=16", "checkpoint.resume=false"]
 
 
