@@ -44,6 +44,7 @@ def test_unknown_key_is_named(override, words):
     ("dpo.loss_type=kto", ["loss_type"]),
     ("dpo.beta=0", ["beta"]),
     ("quant.storage_dtype=uint8", ["floating"]),
+    ("quant.compute_dtype=bfloat16", ["model.dtype"]),
 ])
 def test_impossible_values_fail_early(override, words):
     with pytest.raises(ConfigError) as e:

@@ -38,11 +38,11 @@ def test_resume_equals_uninterrupted(fig):
 def test_training_moves_the_right_way(fig):
     assert fig["loss_step1"] == pytest.approx(math.log(2), abs=1e-5)
     assert fig["loss_last_quarter"] < fig["loss_first_quarter"] - 0.02
-    assert fig["margin_last_quarter"] > 0.05
+    assert fig["margin_last_quarter"] > 0.2
 
 
 def test_evaluation_moves_the_right_way(fig):
     assert fig["pref_accuracy_before"] == 0.5  # the reference ties every pair
-    assert fig["pref_accuracy_after"] > 0.55
-    assert fig["likelihood_accuracy_after"] > fig["likelihood_accuracy_before"] + 0.03
-    assert fig["task_success_after"] > fig["task_success_before"]
+    assert fig["pref_accuracy_after"] > 0.7
+    assert fig["likelihood_accuracy_after"] > fig["likelihood_accuracy_before"] + 0.1
+    assert fig["task_success_after"] > fig["task_success_before"] + 0.05

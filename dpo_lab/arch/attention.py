@@ -13,7 +13,7 @@ import torch.nn as nn
 
 def rope_tables(head_dim: int, positions: torch.Tensor, theta: float = 10000.0):
     """cos/sin of shape (seq, head_dim) for rotary embeddings (Llama's "rotate half" layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()

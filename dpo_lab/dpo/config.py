@@ -210,6 +210,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    # bitsandbytes casts a layer's bias to the compute dtype in place, inside forward; under FSDP
+    # that would rewrite a gathered parameter, so the unquantised weights must already match.
+    if cfg.quant.load_in_4bit and cfg.quant.compute_dtype != cfg.model.dtype:
+        raise ConfigError(f"quant.compute_dtype={cfg.quant.compute_dtype!r} must equal "
+                          f"model.dtype={cfg.model.dtype!r} (bitsandbytes casts biases in place)")
     # FSDP would cast the packed 4-bit bytes to param_dtype and turn them into garbage.
     if cfg.quant.load_in_4bit and cfg.fsdp.param_dtype not in (None, cfg.quant.storage_dtype):
         raise ConfigError(f"fsdp.param_dtype={cfg.fsdp.param_dtype!r} differs from "

@@ -14,17 +14,17 @@ from dpo_lab.parallel.launch import rank_device
 
 def collectives_tour(numel: int = 4) -> dict:
     """Run the seven collectives on small tensors; {op: (before, after)} of this rank's values."""
-    r, n = dist.get_rank(), dist.get_world_size()
-    base = lambda k=numel: torch.arange(k, dtype=torch.float32) + 10 * r  # rank r holds 10r, 10r+1, ...
+    r, n, dev = dist.get_rank(), dist.get_world_size(), rank_device()
+    base = lambda k=numel: torch.arange(k, dtype=torch.float32, device=dev) + 10 * r  # rank r: 10r, 10r+1, ...
     out = {}
 
     x = base(); before = x.tolist(); dist.broadcast(x, src=0); out["broadcast"] = (before, x.tolist())
     x = base(); before = x.tolist(); dist.reduce(x, dst=0)
     out["reduce"] = (before, x.tolist() if r == 0 else [])  # only dst's result is defined
     x = base(); before = x.tolist(); dist.all_reduce(x); out["all_reduce"] = (before, x.tolist())
-    x = base(1); y = torch.empty(n); dist.all_gather_single(y, x); out["all_gather"] = (x.tolist(), y.tolist())
-    x = base(n); y = torch.empty(1); dist.reduce_scatter_single(y, x); out["reduce_scatter"] = (x.tolist(), y.tolist())
-    x = base(n); y = torch.empty(n); dist.all_to_all_single(y, x); out["all_to_all"] = (x.tolist(), y.tolist())
+    x = base(1); y = torch.empty(n, device=dev); dist.all_gather_into_tensor(y, x); out["all_gather"] = (x.tolist(), y.tolist())
+    x = base(n); y = torch.empty(1, device=dev); dist.reduce_scatter_tensor(y, x); out["reduce_scatter"] = (x.tolist(), y.tolist())
+    x = base(n); y = torch.empty(n, device=dev); dist.all_to_all_single(y, x); out["all_to_all"] = (x.tolist(), y.tolist())
     # send/recv: every rank passes its tensor to the right neighbour around a ring.
     x = base(); y = x.clone()  # one rank: it is its own neighbour, nothing to send
     if n > 1:
@@ -41,7 +41,7 @@ def check_all_reduce(numels, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed * 1000 + r)
     out = {}
     for numel in numels:
-        x = torch.randn(numel, generator=g)
+        x = torch.randn(numel, generator=g).to(rank_device())
         ref = x.clone(); dist.all_reduce(ref)
         for name, fn in (("naive", naive_all_reduce), ("ring", ring_all_reduce)):
             y = x.clone()
@@ -75,7 +75,7 @@ def time_all_reduce(sizes_bytes, variants=("native", "ring"), repeat: int = 5, w
                 times.append(time.perf_counter() - t0)
                 spent += times[-1]
             # The collective is done when its slowest rank is done.
-            t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+            t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=dev)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             out[(v, size)] = t.item()
     return out

@@ -67,7 +67,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         full = padded(p.grad.reshape(-1), k * self.world_size).div_(self.world_size)
         out = torch.empty(k, dtype=full.dtype, device=full.device)
         self.bytes_sent += (self.world_size - 1) * k * full.element_size()
-        self.pending.append((i, dist.reduce_scatter_single(out, full, async_op=True), out, full))
+        self.pending.append((i, dist.reduce_scatter_tensor(out, full, async_op=True), out, full))
         p.grad = None  # the full gradient is not kept: only our piece of it
 
     def finish_gradient_synchronization(self) -> None:
@@ -102,7 +102,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return
         send = torch.cat([padded(s.detach().reshape(-1), k) for s, (_, _, k) in zip(self.shards, self.ranges)])
         recv = torch.empty(self.world_size * send.numel(), dtype=send.dtype, device=send.device)
-        dist.all_gather_single(recv, send)
+        dist.all_gather_into_tensor(recv, send)
         self.bytes_sent += (self.world_size - 1) * send.numel() * send.element_size()
         pieces = recv.view(self.world_size, -1)
         offset = 0
