@@ -87,7 +87,7 @@ def _sums(losses, cr, rr, pc, pr) -> torch.Tensor:
     """Per-micro-batch sums of every logged metric (averaged over the global batch later)."""
     return torch.stack([losses.detach().sum(), cr.sum(), rr.sum(), (cr - rr).sum(),
                         (cr > rr).float().sum(), pc.detach().sum(), pr.detach().sum(),
-                        torch.tensor(float(len(losses)))]).double().cpu()
+                        torch.tensor(float(len(losses)), device=losses.device)]).double().cpu()
 
 
 def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:

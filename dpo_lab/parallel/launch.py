@@ -101,8 +101,9 @@ def launch(fn, world_size: int, args=(), kwargs=None, *, backend: str | None = N
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ValueError(f"nccl needs one GPU per rank: world_size={world_size} but "
                          f"{torch.cuda.device_count()} GPU(s) visible")
-    if threads_per_rank is None:
-        threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
+    if threads_per_rank is None:  # OMP_NUM_THREADS wins: oversubscribed OpenMP threads crawl
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads_per_rank = int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
