@@ -1,7 +1,6 @@
 """The notebook contract, checked for every notebook and lesson."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 

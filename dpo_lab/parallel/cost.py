@@ -15,7 +15,7 @@ Bytes are bytes (not GiB); 1 GB = 1e9 bytes, as in the ZeRO paper's "7.5B → 12
 """
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -262,7 +262,3 @@ def best_plan(model: ModelConfig, method: str, gpus: int, hw: Hardware = Hardwar
         if best is None or t["total"] < best[2]["total"]:
             best = (plan, mem, t)
     return best
-
-
-def with_batch(model: ModelConfig, **changes) -> ModelConfig:
-    return replace(model, **changes)

@@ -66,29 +66,12 @@ class _ReduceScatterToSequence(torch.autograd.Function):
         return _gather(grad, ctx.group, "backward"), None
 
 
-class _SplitToSequence(torch.autograd.Function):
-    """Keep this rank's sequence shard of a replicated tensor; backward gathers the shards."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, ctx.group, "backward"), None
-
-
 def gather_from_sequence(x, group=None):
     return _GatherFromSequence.apply(x, group)
 
 
 def reduce_scatter_to_sequence(x, group=None):
     return _ReduceScatterToSequence.apply(x, group)
-
-
-def split_to_sequence(x, group=None):
-    return _SplitToSequence.apply(x, group)
 
 
 def sync_sequence_parallel_grads(module, group=None) -> int:
