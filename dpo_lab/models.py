@@ -69,6 +69,9 @@ def load_model(name_or_path, dtype=None, quantization_config=None, trust_remote_
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=dtype, quantization_config=quantization_config,
         trust_remote_code=trust_remote_code, **kwargs)
+    if getattr(quantization_config, "load_in_4bit", False):
+        from dpo_lab.dpo.qlora import one_kernel_path
+        one_kernel_path(model)  # policy and reference must run the same 4-bit kernel
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -30,6 +30,39 @@ def bnb_config(q):
         bnb_4bit_quant_storage=DTYPE[q.storage_dtype])
 
 
+def one_kernel_path(model):
+    """Make every 4-bit layer compute through one numerical path, on any CPU and on CUDA.
+
+    On CPUs with AVX512-BF16, bitsandbytes' `Linear4bit.forward` repacks its weight the first time
+    it runs in eval mode on an input without grad, and from then on multiplies with a bf16 inference
+    kernel (`gemv_4bit`); otherwise it dequantises to the compute dtype and uses a plain matmul. The
+    DPO reference forward (no grad, adapters off) would then be a different function from the policy
+    forward, so at step 1 the implicit rewards would not be zero and the loss not ln 2. We switch
+    the repack off. A repack that already happened is undone, with a warning: it is lossy (the
+    block scales were rounded to bf16), so call this before any forward, as `load_model` does.
+    Returns the number of 4-bit layers seen.
+    """
+    import warnings
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    n = repacked = 0
+    for m in model.modules():
+        if not hasattr(m, "support_avx512bf16_for_cpu"):
+            continue
+        n += 1
+        m.support_avx512bf16_for_cpu = False
+        qs = getattr(m.weight, "quant_state", None)
+        if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+            repacked += 1
+    if repacked:
+        warnings.warn(f"{repacked} 4-bit layers had already been repacked for bitsandbytes' bf16 CPU "
+                      f"kernel, which rounds their block scales to bf16; unpacked them, but the weights "
+                      f"now differ slightly from the checkpoint. Load 4-bit models with "
+                      f"dpo_lab.models.load_model to avoid this.", stacklevel=2)
+    return n
+
+
 def resolve_model(name: str) -> str:
     """'tiny-sft' is the workbook's SFT model (trained and cached on first use); else a dir or HF name."""
     if name == "tiny-sft":
@@ -90,11 +123,7 @@ def shard(model, mesh, fsdp_cfg):
     """fully_shard every decoder layer, then the root (embeddings, final norm, head)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     layers = decoder_layers(model)
-    # bitsandbytes may repack a CPU weight in place (`weight.data = ...`) for a faster inference
-    # kernel; under FSDP that would overwrite the gathered parameter, so keep the plain path.
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    one_kernel_path(model)  # also: a repack (`weight.data = ...`) would overwrite FSDP's gathered param
     kw = {"mesh": mesh, "reshard_after_forward": fsdp_cfg.reshard_after_forward}
     if fsdp_cfg.param_dtype or fsdp_cfg.reduce_dtype:
         kw["mp_policy"] = MixedPrecisionPolicy(

@@ -29,18 +29,15 @@ from dpo_lab.dpo.qlora import DTYPE, bnb_config, resolve_model
 
 
 def load_policy(cfg: TrainConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = resolve_model(cfg.model.name)
+    """The 4-bit base through dpo_lab's one loader (same kernel path as our trainer's)."""
+    from dpo_lab.models import load_model
     kwargs = {}
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torch.cuda.is_available() and not distributed:
         kwargs["device_map"] = {"": 0}  # one process, one GPU: let bitsandbytes place the weights
-    model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=bnb_config(cfg.quant), dtype=DTYPE[cfg.model.dtype], **kwargs)
+    model, tok = load_model(resolve_model(cfg.model.name), dtype=DTYPE[cfg.model.dtype],
+                            quantization_config=bnb_config(cfg.quant), **kwargs)
     model.config.use_cache = False
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     return model, tok
 
 
