@@ -138,3 +138,22 @@ def test_the_bf16_kernel_really_is_a_different_function_here():
         default = model(input_ids=x).logits
     assert _packed(model) == len(_4bit_layers(model))
     assert (default - pinned).abs().max().item() > 1e-3
+
+
+def test_step_1_is_exact_on_a_simulated_cpu_without_avx512bf16():
+    """The other machine kind, on this one: every process of a child pytest believes the CPU lacks
+    AVX512-BF16 (tests/cpu_without_avx512bf16/sitecustomize.py), and step 1 is still exact there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(here / "cpu_without_avx512bf16"), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    probe = subprocess.run([sys.executable, "-c", "import bitsandbytes.functional as F; print(F.has_avx512bf16())"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "False", probe.stderr
+    test = f"{__file__}::test_reference_forward_equals_policy_forward_bitwise_at_step_1"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
