@@ -1,6 +1,6 @@
 """QLoRA under FSDP2: a 4-bit NF4 base, LoRA adapters on top, every decoder layer sharded.
 
-The recipe, and why each step is there (see REFERENCE.md, "FSDP + QLoRA"):
+The recipe, and why each step is there (QLoRA, Dettmers et al. 2023; Answer.AI's FSDP + QLoRA, 2024):
 1. Load the base through `BitsAndBytesConfig` with double quantisation and a *float* storage dtype:
    FSDP shards only floating tensors, so the packed 4-bit bytes travel in a bf16 container.
 2. Add LoRA with PEFT and keep the adapters in a fixed dtype (bf16 as in QLoRA).

@@ -1,6 +1,6 @@
 """A cost model that plans past this machine: memory per GPU and step time for a parallel layout.
 
-Everything here is a formula from the papers (quoted in REFERENCE.md), written once so that the
+Everything here is a formula from the papers named below, written once so that the
 small runs of the lessons can check it and the planning notebook can extrapolate with it:
 
     model_state_bytes(psi, zero_stage, dp)          ZeRO (Rajbhandari et al. 2020), k = 12
