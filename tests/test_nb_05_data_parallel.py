@@ -21,4 +21,3 @@ def test_data_parallel_notebook(run_nb):
     for key in ("dp", "zero2", "fsdp"):
         assert f[f"{key}_bytes_ratio_to_theory"] == pytest.approx(1.0, rel=0.01), key
     assert f["fsdp_vs_dp_bytes"] == pytest.approx(1.5, rel=0.01)
-    assert out["seconds"] < 120

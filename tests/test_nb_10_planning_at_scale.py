@@ -23,4 +23,3 @@ def test_planning_notebook(run_nb):
     for method in ("dpo_qlora", "dpo_full"):
         t = [f[f"tokens_per_s_{method}_{s}_1024gpus"] for s in ("7B", "70B", "405B")]
         assert t[0] > t[1] > t[2] > 0
-    assert out["seconds"] < 90

@@ -51,33 +51,52 @@ def check_all_reduce(numels, seed: int = 0) -> dict:
     return out
 
 
+def _native_all_reduce(t):
+    dist.all_reduce(t)
+
+
+# Looked up at call time, so a test can slow one rank's variant down.
+VARIANTS = {"native": _native_all_reduce, "ring": ring_all_reduce, "naive": naive_all_reduce}
+
+
+def _max_over_ranks(value: float, dev) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def time_all_reduce(sizes_bytes, variants=("native", "ring"), repeat: int = 5, warmup: int = 1,
                     budget_s: float = 1.0) -> dict:
     """Median seconds of one all-reduce of `size` bytes of fp32, per (variant, size).
 
     `native` is the backend's own all_reduce (gloo or nccl). Each repetition starts after a
-    barrier; a size stops repeating once it has used `budget_s` (big messages are slow on CPU)."""
+    barrier; a size stops repeating once the slowest rank has used `budget_s` (big messages are
+    slow on CPU), after at least 2 and at most `repeat` repetitions."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown all-reduce variant(s) {unknown}; have {sorted(VARIANTS)}")
     dev = rank_device()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    fns = {"native": lambda t: dist.all_reduce(t), "ring": ring_all_reduce, "naive": naive_all_reduce}
     out = {}
     for size in sizes_bytes:
         x = torch.ones(max(1, size // 4), device=dev)
         for v in variants:
+            fn = VARIANTS[v]
             for _ in range(warmup):
-                fns[v](x)
+                fn(x)
             times, spent = [], 0.0
             while len(times) < repeat and (spent < budget_s or len(times) < 2):
                 x.fill_(1.0)
                 sync(); dist.barrier()
                 t0 = time.perf_counter()
-                fns[v](x); sync()
+                fn(x); sync()
                 times.append(time.perf_counter() - t0)
-                spent += times[-1]
+                # The stop decision must be the same on every rank: each rank's own clock would
+                # let one rank leave the loop (for the all_reduce below) while another waits in
+                # the next barrier, and both hang. So every rank uses the slowest rank's total.
+                spent = _max_over_ranks(sum(times), dev)
             # The collective is done when its slowest rank is done.
-            t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=dev)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            out[(v, size)] = t.item()
+            out[(v, size)] = _max_over_ranks(statistics.median(times), dev)
     return out
 
 

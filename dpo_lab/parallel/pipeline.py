@@ -7,7 +7,9 @@ virtual stage, back-propagates and sends the input-gradient back. Sends are non-
 block, and a valid schedule guarantees that every receive is eventually matched.
 
 Every executed action is recorded as an event (rank, kind, micro-batch, chunk, start, end) on the
-shared monotonic clock, so bubbles and Gantt charts come from what really ran.
+shared monotonic clock, so bubbles and Gantt charts come from what really ran. The wall-clock
+bubble depends on the machine's load; `bubble_replayed` gives the bubble of the executed order
+with nominal durations, which does not.
 """
 import copy
 import time
@@ -18,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpo_lab.arch.transformer import TinyTransformer
-from dpo_lab.parallel.schedules import make_schedule
+from dpo_lab.parallel.schedules import (Action, bubble_formula, bubble_fraction, dependencies,
+                                        make_schedule, n_chunks, simulate)
 
 
 class Chunk(nn.Module):
@@ -125,6 +128,36 @@ def bubble_from_events(events, p: int) -> float:
     return 1.0 - busy / (p * (end - start))
 
 
+def executed_order(events, p: int) -> list[list[Action]]:
+    """Per rank, the actions in the order they ran (a rank runs one action at a time)."""
+    order = [[] for _ in range(p)]
+    for rank, kind, mb, chunk, _, _ in sorted(events, key=lambda e: (e[0], e[4])):
+        order[rank].append(Action(kind, mb, chunk))
+    return order
+
+
+def bubble_replayed(events, p: int, t_f: float = 1.0, t_b: float = 2.0) -> float:
+    """Bubble of the executed order with nominal durations t_f / t_b and free communication:
+    what the run's bubble is once the machine's load is taken out. Equals bubble_formula when
+    every rank ran its whole schedule in order (simulate raises if an action is missing)."""
+    return bubble_fraction(simulate(executed_order(events, p), t_f, t_b))
+
+
+def dependency_violations(events, p: int) -> list[tuple]:
+    """Events that started before an action they depend on had ended, on the shared clock.
+    A receive returns only after the sender recorded its end and sent, so this is empty on any
+    machine, loaded or not, unless the executor hands results on before they are done."""
+    order = executed_order(events, p)
+    v = n_chunks(order)
+    end = {(e[0], Action(e[1], e[2], e[3])): e[5] for e in events}
+    bad = []
+    for rank, kind, mb, chunk, start, _ in events:
+        for dep in dependencies(Action(kind, mb, chunk), rank, p, v):
+            if dep not in end or end[dep] > start:  # a dependency that never ran counts too
+                bad.append(((rank, Action(kind, mb, chunk)), dep, end.get(dep, float("inf")) - start))
+    return bad
+
+
 def pipeline_rank(settings, seed: int = 0, t_f: float = 0.01, vocab: int = 64, dim: int = 32,
                   n_heads: int = 4, seq: int = 8, mb_size: int = 2) -> list[dict]:
     """Rank function: for each (schedule, m, v) in settings, run one training step of a
@@ -169,8 +202,8 @@ def pipeline_rank(settings, seed: int = 0, t_f: float = 0.01, vocab: int = 64, d
 
 def gather_runs(per_rank: list[list[dict]]) -> list[dict]:
     """Merge the ranks' results of pipeline_rank: one dict per setting with all events,
-    measured and formula bubbles, per-stage peaks, loss and worst gradient error."""
-    from dpo_lab.parallel.schedules import bubble_formula
+    bubbles (wall clock, replayed with nominal durations, formula), per-stage peaks, loss and
+    worst gradient error."""
     merged = []
     for runs in zip(*per_rank):
         first = runs[0]
@@ -178,7 +211,9 @@ def gather_runs(per_rank: list[list[dict]]) -> list[dict]:
         loss = next(r["loss"] for r in runs if r["loss"] is not None)
         p, m, v = first["p"], first["m"], first["v"]
         merged.append({"schedule": first["schedule"], "p": p, "m": m, "v": v, "events": events,
-                       "bubble_measured": bubble_from_events(events, p),
+                       "bubble_measured": bubble_from_events(events, p),   # depends on load
+                       "bubble_replayed": bubble_replayed(events, p),      # does not
+                       "dependency_violations": len(dependency_violations(events, p)),
                        "bubble_formula": bubble_formula(p, m, v),
                        "peak_in_flight": [r["peak_in_flight"] for r in runs],
                        "loss_err": abs(loss - first["ref_loss"]),
