@@ -156,7 +156,14 @@ def train_rank(cfg_dict: dict) -> dict:
         import shutil
         shutil.rmtree(root)  # a fresh run: never mix in checkpoints of an earlier one
     dist.barrier()
-    last = ckpt.latest(root) if cfg.checkpoint.resume else None
+    # Rank 0 picks the checkpoint and every rank follows it: ranks choosing on their own could
+    # disagree (node-local disks, a save still landing) and then run different steps and hang.
+    found = ckpt.latest(root) if cfg.checkpoint.resume and rank == 0 else None
+    pick = [found.name if found is not None else None]
+    dist.broadcast_object_list(pick, src=0)
+    last = root / pick[0] if pick[0] else None
+    if last is not None and not (last / "trainer_state.json").exists():
+        raise FileNotFoundError(f"rank {rank}: rank 0 resumes from {last}, which this rank cannot read")
     eval_before = None
     fingerprint = {k: cfg_dict[k] for k in ("model", "data", "quant", "lora", "dpo", "train")}
     if last is not None:
