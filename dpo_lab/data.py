@@ -165,7 +165,7 @@ def local_path(source) -> Path | None:
     if path.exists():
         return path
     if _looks_local(text):
-        raise FileNotFoundError(f"no such file: {path}")
+        raise FileNotFoundError(f"no such file: {path.absolute()}")
     return None
 
 
