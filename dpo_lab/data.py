@@ -113,7 +113,7 @@ def _read_jsonl(path: Path, on_bad) -> list:
         for n, raw in enumerate(f, 1):
             where = f"{path}, line {n}"
             try:
-                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM may open the file
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")  # a BOM may open the file
             except UnicodeDecodeError as e:
                 on_bad(InvalidUTF8Error(n, f"byte {raw[e.start]:#04x} at column {e.start + 1}", where))
                 continue
