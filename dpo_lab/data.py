@@ -6,11 +6,18 @@ Two formats, as in TRL:
                    being {"role": str, "content": str}; rendered to strings with the tokenizer's
                    chat template (the completion is what the template adds after the prompt).
 
-Sources: "arith" (the task shipped in data/arith/), a local .json / .jsonl / .parquet file, or a
-Hugging Face dataset name (needs `datasets` and internet).
+Sources: "arith" (the task shipped in data/arith/), a local .json / .jsonl / .parquet file (suffix
+in any case), or a Hugging Face dataset name (needs `datasets` and internet). A source that looks
+like a path (starts with / . ~, has a data suffix, or more than one "/") and does not exist is
+"no such file" at once, never a Hub lookup; a directory is refused by name.
 
-Every row is checked. A bad row raises an InvalidRowError subclass whose message names the row
-index and the problem; with drop_invalid=True such rows are dropped and counted instead.
+Files are read as UTF-8 whatever the locale; a UTF-8 byte-order mark is accepted.
+
+Every row is checked. A bad row raises an InvalidRowError subclass whose message names the file and
+place ("f.jsonl, line 7": 1-based file lines, blank lines counted; "f.parquet, row 3": 0-based rows)
+and the problem; a JSONL line that is not JSON or not UTF-8 is a bad row too. With
+drop_invalid=True such rows are dropped and counted instead. A file that cannot be read at all
+(malformed .json, JSON Lines saved as .json, not Parquet) raises DataFileError naming file and line.
 Nothing is stripped, truncated or otherwise mangled.
 """
 import json
@@ -27,9 +34,21 @@ SHIPPED = {"arith": DATA_DIR / "arith"}
 class InvalidRowError(ValueError):
     problem = "invalid row"
 
-    def __init__(self, index: int, detail: str):
-        self.index, self.detail = index, detail
-        super().__init__(f"row {index}: {self.problem}: {detail}")
+    def __init__(self, index: int, detail: str, where: str | None = None):
+        self.index, self.detail, self.where = index, detail, where or f"row {index}"
+        super().__init__(f"{self.where}: {self.problem}: {detail}")
+
+
+class MalformedLineError(InvalidRowError):
+    problem = "malformed JSON line"
+
+
+class InvalidUTF8Error(MalformedLineError):
+    problem = "invalid UTF-8"
+
+
+class DataFileError(ValueError):
+    """A whole file that cannot be read as rows (not one bad row); names the file and line."""
 
 
 class MissingFieldError(InvalidRowError):
@@ -70,29 +89,111 @@ class PreferenceData:
         return f"PreferenceData({len(self.rows)} rows from {self.source!r}{extra})"
 
 
+READERS = (".jsonl", ".json", ".parquet")
+# Suffixes that mark a source as a local file, so that a typo is "no such file" at once rather
+# than a 24 s round trip to the Hugging Face Hub.
+LOCAL_SUFFIXES = READERS + (".csv", ".tsv", ".txt", ".arrow", ".gz")
+
+
+def _raise(e):
+    raise e
+
+
+def _looks_local(text: str) -> bool:
+    # Hub ids are "name" or "owner/name": more slashes, a backslash or a leading / . ~ mean a path.
+    return (text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1
+            or any(text.lower().endswith(s) for s in LOCAL_SUFFIXES))
+
+
+def _read_jsonl(path: Path, on_bad) -> list:
+    """(line number, where, object) per non-blank line; line numbers are 1-based and count blank
+    lines, as an editor does. Bytes are decoded here, so the locale never matters."""
+    out = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}, line {n}"
+            try:
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")  # a BOM may open the file
+            except UnicodeDecodeError as e:
+                on_bad(InvalidUTF8Error(n, f"byte {raw[e.start]:#04x} at column {e.start + 1}", where))
+                continue
+            if not text.strip():
+                continue
+            try:
+                out.append((n, where, json.loads(text)))
+            except json.JSONDecodeError as e:
+                on_bad(MalformedLineError(n, f"{e.msg} at column {e.colno}: {text.strip()[:60]!r}", where))
+    return out
+
+
+def _read_json(path: Path) -> list:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataFileError(f"{path}, line {line}: invalid UTF-8 (byte {raw[e.start]:#04x})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # a second value after the first: one object per line
+            raise DataFileError(f"{path}, line {e.lineno}: a second JSON value after the first; this "
+                                f"looks like JSON Lines (one object per line): rename it to .jsonl") from None
+        raise DataFileError(f"{path}, line {e.lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(data, list):
+        raise DataFileError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    return [(i, f"{path}, row {i}", row) for i, row in enumerate(data)]
+
+
+def _read_parquet(path: Path) -> list:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except pa.ArrowException as e:
+        raise DataFileError(f"{path}: not a readable Parquet file: {e}") from None
+    return [(i, f"{path}, row {i}", row) for i, row in enumerate(rows)]
+
+
+def local_path(source) -> Path | None:
+    """The file `source` names, or None for a Hub dataset name. Raises at once for a missing
+    local-looking path or a directory (also used to check a config before any rank starts)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: pass one {'/'.join(READERS)} file")
+    if path.exists():
+        return path
+    if _looks_local(text):
+        raise FileNotFoundError(f"no such file: {path.absolute()}")
+    return None
+
+
+def _read(source, split: str, on_bad=_raise) -> list:
+    """(index, where, raw row) for every row; `on_bad(error)` gets each unreadable JSONL line."""
+    text = str(source)
+    if text in SHIPPED:
+        path = SHIPPED[text] / f"{split}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"shipped dataset {text!r} has no split {split!r} ({path})")
+        return _read_jsonl(path, on_bad)
+    path = local_path(text)
+    if path is None:
+        from datasets import load_dataset  # a Hugging Face dataset name
+        return [(i, f"{text} ({split}), row {i}", row) for i, row in enumerate(load_dataset(text, split=split))]
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, on_bad)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataFileError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(READERS)}")
+
+
 def read_records(source, split: str = "train") -> list[dict]:
     """Raw rows from a shipped name, a local file, or a Hugging Face dataset name."""
-    if str(source) in SHIPPED:
-        path = SHIPPED[str(source)] / f"{split}.jsonl"
-        if not path.exists():
-            raise FileNotFoundError(f"shipped dataset {source!r} has no split {split!r} ({path})")
-        return read_records(path)
-    path = Path(source)
-    if path.suffix in (".json", ".jsonl", ".parquet"):
-        if not path.exists():
-            raise FileNotFoundError(f"no such data file: {path}")
-        if path.suffix == ".jsonl":
-            with open(path) as f:
-                return [json.loads(line) for line in f if line.strip()]
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-            return data
-        import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    from datasets import load_dataset  # a Hugging Face dataset name
-    return list(load_dataset(str(source), split=split))
+    return [row for _, _, row in _read(source, split)]
 
 
 def _check_messages(index, name, messages):
@@ -148,13 +249,17 @@ def load_preferences(source, *, split: str = "train", tokenizer=None, max_length
                      drop_invalid: bool = False) -> PreferenceData:
     """Load and validate preference rows; see the module docstring."""
     data = PreferenceData([], Counter(), str(source))
-    for i, raw in enumerate(read_records(source, split)):
+
+    def bad(e: InvalidRowError):
+        if not drop_invalid:
+            raise e from None
+        data.dropped[e.problem] += 1
+
+    for i, where, raw in _read(source, split, bad):
         try:
             data.rows.append(validate_row(i, raw, tokenizer, max_length))
         except InvalidRowError as e:
-            if not drop_invalid:
-                raise
-            data.dropped[e.problem] += 1
+            bad(type(e)(e.index, e.detail, where))  # the same error, placed in its file
     if not data.rows:
         raise ValueError(f"{source!r} ({split}) has no valid rows; dropped: {dict(data.dropped)}")
     return data

@@ -43,7 +43,8 @@ def _write(tmp_path, rows, suffix=".jsonl"):
 def test_bad_row_in_a_file_is_named_by_index_or_dropped_and_counted(tmp_path, suffix):
     rows = [GOOD, GOOD, {**GOOD, "rejected": "3"}, {**GOOD, "chosen": ""}, GOOD]
     path = _write(tmp_path, rows, suffix)
-    with pytest.raises(IdenticalCompletionsError, match="row 2"):
+    where = "line 3" if suffix == ".jsonl" else "row 2"  # file lines are 1-based, rows 0-based
+    with pytest.raises(IdenticalCompletionsError, match=f"prefs\\{suffix}, {where}: "):
         load_preferences(path)
     data = load_preferences(path, drop_invalid=True)
     assert len(data) == 3

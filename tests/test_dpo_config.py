@@ -90,3 +90,95 @@ def test_batch_masks_completion_and_eos():
     assert not b["loss_mask"][:, :4].any()  # prompts never count
     cut = collate(enc, tok.pad_token_id, max_length=7)
     assert cut["input_ids"].shape[1] == 7 and tok.decode(cut["input_ids"][0][cut["loss_mask"][0]]) == "4"
+
+
+# --- every value is type- and range-checked before any rank starts ---------------------------------
+
+TINY = CONFIG_DIR / "dpo" / "tiny_cpu.yaml"
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """Any attempt to start training fails the test: a bad config must stop before it."""
+    from dpo_lab.dpo import trainer
+
+    def started(*a, **k):
+        raise AssertionError("a run was started with a bad config")
+    monkeypatch.setattr(trainer, "run", started)
+    monkeypatch.setattr(trainer, "preflight", started)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dpo.beta=abc", "dpo.beta: must be a number (got 'abc')"),
+    ("dpo.beta=true", "dpo.beta: must be a number, not a boolean (got True)"),
+    ("train.lr=-1", "train.lr: must be greater than 0 (got -1)"),
+    ("train.max_steps=2.5", "train.max_steps: must be an integer (got 2.5)"),
+    ("train.max_steps=true", "train.max_steps: must be an integer (got True)"),
+    ("eval.batch=0", "eval.batch: must be greater than or equal to 1 (got 0)"),
+    ("train.seed=1.5", "train.seed: must be an integer (got 1.5)"),
+    ("train.seed=abc", "train.seed: must be an integer (got 'abc')"),
+    ("train.warmup_ratio=1", "train.warmup_ratio: must be less than 1 (got 1)"),
+    ("model.gradient_checkpointing=1", "model.gradient_checkpointing: must be true or false (got 1)"),
+    ("lora.target_modules=q_proj", "lora.target_modules: must be a list (got 'q_proj')"),
+    ("dpo.loss_type=nope", "dpo.loss_type: must be 'sigmoid', 'ipo', 'hinge' or 'robust' (got 'nope')"),
+    ("train.learning_rate=1e-4", "train.learning_rate: unknown config key; did you mean train.lr? (got 0.0001)"),
+    ("data.source=./no/such/prefs.jsonl", "data.source: no such file: "),
+])
+def test_cli_names_the_bad_key_and_value_and_exits_2_before_any_rank(no_ranks, capsys, override, message):
+    from dpo_lab.cli import main
+    assert main(["train", "dpo", "--config", str(TINY), override]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and out == ""
+
+
+def test_cli_bad_value_in_a_subprocess_is_one_line_and_no_traceback():
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(CONFIG_DIR.parent)}
+    out = subprocess.run([sys.executable, "-m", "dpo_lab.cli", "train", "dpo", "--config", str(TINY),
+                          "train.lr=-1"], capture_output=True, text=True, env=env, timeout=300)
+    assert (out.returncode, out.stderr) == (2, "error: train.lr: must be greater than 0 (got -1)\n")
+
+
+def _leaf_keys(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+@pytest.mark.parametrize("key", list(_leaf_keys(load_config(TINY).to_dict())))
+def test_every_key_is_type_checked(key):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, updates={key: {"not": "a value"}})
+    assert str(e.value).startswith(f"{key}: ") and "(got {'not': 'a value'})" in str(e.value)
+
+
+def test_yaml_1e_minus_3_is_a_float_and_the_dict_round_trip_is_exact(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n", encoding="utf-8")  # YAML 1.1 reads this as the string '1e-3'
+    cfg = load_config(path)
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    from dpo_lab.dpo.config import from_dict
+    assert from_dict(cfg.to_dict()) == cfg  # what each rank rebuilds from
+
+
+def test_assignment_is_checked_too():
+    cfg = load_config(TINY)
+    with pytest.raises(ValueError, match="greater than 0"):
+        cfg.train.lr = -1.0
+
+
+def test_cli_unreadable_data_file_is_one_error_line(monkeypatch, capsys, tmp_path):
+    from dpo_lab.cli import main
+    from dpo_lab.data import load_preferences
+    from dpo_lab.dpo import trainer
+    # preflight without the model: only its data read (building the tiny model is slow here)
+    monkeypatch.setattr(trainer, "preflight", lambda cfg, nproc, backend=None: load_preferences(cfg.data.source))
+    path = tmp_path / "prefs.json"
+    path.write_text('{"prompt": "1+2=", "chosen": "3", "rejected": "4"}\n' * 2, encoding="utf-8")
+    assert main(["train", "dpo", "--config", str(TINY), f"data.source={path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}, line 2: ") and "JSON Lines" in err and err.count("\n") == 1

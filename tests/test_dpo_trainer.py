@@ -51,7 +51,7 @@ def test_invalid_row_fails_before_launch(tmp_path):
     bad = tmp_path / "prefs.jsonl"
     rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": "4"}]
     bad.write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(InvalidRowError, match="1"):
+    with pytest.raises(InvalidRowError, match="line 2"):
         preflight(load_config(TINY, [f"data.source={bad}"]), 1, backend="gloo")
 
 

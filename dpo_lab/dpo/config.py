@@ -2,114 +2,138 @@
 
     cfg = load_config("configs/dpo/tiny_cpu.yaml", ["train.max_steps=20", "dpo.beta=0.2"])
 
-Every section is a dataclass, so a key that does not exist is an error naming the key (with the
-closest valid spelling) before any rank starts, rather than a silently ignored typo.
+Every section is a pydantic dataclass: each value's type and range is checked when the config is
+built (and on assignment or dataclasses.replace), so `dpo.beta=abc`, `train.lr=-1`,
+`train.max_steps=2.5` or an unknown key is a ConfigError "<key>: <what is wrong> (got <value>)"
+before any rank starts, never a traceback from inside a rank. Integers and booleans are strict (2.5
+is not an int, 1 is not a bool); floats also accept numeric strings, because YAML 1.1 reads `1e-3`
+as the string "1e-3".
 """
 import ast
 import difflib
 import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, field, fields, is_dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic.dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 SCHEDULES = ("cosine", "linear", "constant")
+Dtype = Literal[DTYPES]
 
 
 class ConfigError(ValueError):
     """A config key that does not exist or a value that cannot work; raised before training."""
 
 
-@dataclass
+def _not_bool(v):
+    if isinstance(v, bool):  # pydantic's lax float would take True as 1.0
+        raise ValueError("must be a number, not a boolean")
+    return v
+
+
+Bool = Annotated[bool, Strict()]
+Int = Annotated[int, Strict()]
+Count = Annotated[int, Strict(), Field(ge=1)]       # >= 1
+Every = Annotated[int, Strict(), Field(ge=0)]       # 0 switches it off
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Positive = Annotated[Float, Field(gt=0)]
+Name = Annotated[str, Strict(), Field(min_length=1)]
+SECTION = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(config=SECTION)
 class ModelConfig:
-    name: str = "tiny-sft"          # "tiny-sft" (the workbook's SFT model), a local dir or a HF name
-    dtype: str = "float32"          # dtype of the parameters that stay unquantised (norms, embeddings)
-    gradient_checkpointing: bool = False
+    name: Name = "tiny-sft"          # "tiny-sft" (the workbook's SFT model), a local dir or a HF name
+    dtype: Dtype = "float32"         # dtype of the parameters that stay unquantised (norms, embeddings)
+    gradient_checkpointing: Bool = False
 
 
-@dataclass
+@dataclass(config=SECTION)
 class DataConfig:
-    source: str = "arith"           # shipped task, a .json/.jsonl/.parquet path or a HF dataset name
-    split: str = "train"
-    eval_split: str = "test"
-    max_length: int = 64            # prompt + completion tokens
-    max_rows: int | None = None     # use only the first N training rows
-    drop_invalid: bool = False      # False: an invalid row stops the run with its index
+    source: Name = "arith"           # shipped task, a .json/.jsonl/.parquet path or a HF dataset name
+    split: Name = "train"
+    eval_split: Name = "test"
+    max_length: Annotated[int, Strict(), Field(ge=4)] = 64  # prompt + completion tokens
+    max_rows: Every | None = None    # use only the first N training rows (None or 0: all)
+    drop_invalid: Bool = False       # False: an invalid row stops the run with its index
 
 
-@dataclass
+@dataclass(config=SECTION)
 class QuantConfig:
-    load_in_4bit: bool = True
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "float32"
-    storage_dtype: str = "bfloat16"  # the float container FSDP shards; must never be cast
+    load_in_4bit: Bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: Bool = True
+    compute_dtype: Dtype = "float32"
+    storage_dtype: Literal[DTYPES + ("uint8",)] = "bfloat16"  # FSDP shards it; never cast
 
 
-@dataclass
+@dataclass(config=SECTION)
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                          "gate_proj", "up_proj", "down_proj"])
-    dtype: str = "bfloat16"         # QLoRA keeps adapters in bf16 (as TRL does for 4-bit models)
+    r: Count = 16
+    alpha: Count = 32
+    dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[list[Name], Field(min_length=1)] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    dtype: Dtype = "bfloat16"        # QLoRA keeps adapters in bf16 (as TRL does for 4-bit models)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class DPOConfig:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    precompute_ref: bool = False    # True: reference log-probs for every planned batch before step 1
+    beta: Positive = 0.1
+    loss_type: Literal[LOSS_TYPES] = "sigmoid"
+    label_smoothing: Annotated[Float, Field(ge=0, lt=0.5)] = 0.0
+    precompute_ref: Bool = False     # True: reference log-probs for every planned batch before step 1
 
 
-@dataclass
+@dataclass(config=SECTION)
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    schedule: str = "cosine"
-    max_steps: int | None = 40      # optimizer steps; None: run `epochs` over the data
-    epochs: float = 1.0
-    micro_batch: int = 8            # pairs per rank per forward
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    lr: Positive = 5e-4
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
+    warmup_ratio: Annotated[Float, Field(ge=0, lt=1)] = 0.1
+    schedule: Literal[SCHEDULES] = "cosine"
+    max_steps: Count | None = 40     # optimizer steps; None: run `epochs` over the data
+    epochs: Positive = 1.0
+    micro_batch: Count = 8           # pairs per rank per forward
+    grad_accum: Count = 1
+    max_grad_norm: Positive = 1.0
+    seed: Annotated[int, Strict(), Field(ge=0)] = 0
 
 
-@dataclass
+@dataclass(config=SECTION)
 class FSDPConfig:
-    reshard_after_forward: bool = True   # ZeRO-3 style; False keeps layers gathered until backward
-    param_dtype: str | None = None       # mixed precision compute dtype; None: keep each param's dtype
-    reduce_dtype: str | None = "float32"
-    cpu_offload: bool = False
+    reshard_after_forward: Bool = True   # ZeRO-3 style; False keeps layers gathered until backward
+    param_dtype: Dtype | None = None     # mixed precision compute dtype; None: keep each param's dtype
+    reduce_dtype: Dtype | None = "float32"
+    cpu_offload: Bool = False
 
 
-@dataclass
+@dataclass(config=SECTION)
 class CheckpointConfig:
-    every: int = 0                  # save every N steps (0: only at the end)
-    keep: int = 2
-    resume: bool = True             # continue from the last complete checkpoint in output_dir
+    every: Every = 0                 # save every N steps (0: only at the end)
+    keep: Every = 2                  # checkpoints kept (0: all)
+    resume: Bool = True              # continue from the last complete checkpoint in output_dir
 
 
-@dataclass
+@dataclass(config=SECTION)
 class EvalConfig:
-    every: int = 0                  # held-out preference accuracy every N steps (0: end only)
-    max_rows: int | None = 200
-    batch: int = 32
+    every: Every = 0                 # held-out preference accuracy every N steps (0: end only)
+    max_rows: Every | None = 200     # None or 0: every held-out row
+    batch: Count = 32
 
 
-@dataclass
+@dataclass(config=SECTION)
 class DebugConfig:
-    crash_at_step: int | None = None      # os._exit(1) on every rank right after this step (tests)
-    crash_while_saving: int | None = None  # die halfway through writing this step's checkpoint
-    stop_after: int | None = None       # end cleanly after this step (the schedule still spans max_steps)
+    crash_at_step: Every | None = None       # os._exit(1) on every rank right after this step (tests)
+    crash_while_saving: Every | None = None  # die halfway through writing this step's checkpoint
+    stop_after: Count | None = None          # end cleanly after this step (the schedule still spans max_steps)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,8 +145,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
-    output_dir: str = "build/runs/dpo"
-    log_every: int = 1
+    output_dir: Name = "build/runs/dpo"
+    log_every: Count = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,23 +161,64 @@ ALIASES = {"learning_rate": "lr", "rank": "r", "lora_alpha": "alpha", "lora_drop
            "num_train_epochs": "epochs", "warmup_steps": "warmup_ratio", "lr_scheduler_type": "schedule"}
 
 
-def _unknown(key, valid, where):
+def _unknown(key, value, valid, where):
     close = [ALIASES[key]] if ALIASES.get(key) in valid else difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean {where}{close[0]}?)" if close else ""
-    return ConfigError(f"unknown config key {where}{key}{hint}; valid keys here: {', '.join(valid)}")
+    hint = f"did you mean {where}{close[0]}?" if close else f"valid keys here: {', '.join(valid)}"
+    return ConfigError(f"{where}{key}: unknown config key; {hint} (got {value!r})")
 
 
-def _build(cls, data: dict, where: str = ""):
+def _sections(cls) -> dict:
+    """{key: section class or None} for the keys of one section."""
+    return {f.name: f.type if is_dataclass(f.type) else None for f in fields(cls)}
+
+
+def _check_keys(cls, data, where: str = "") -> None:
+    """Unknown keys first, with a spelling hint (pydantic would only say 'unexpected')."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section {where or 'root'} must be a mapping, got {data!r}")
-    names = [f.name for f in fields(cls)]
-    kwargs = {}
+        raise ConfigError(f"{where[:-1] or 'config'}: must be a mapping of keys to values (got {data!r})")
+    valid = _sections(cls)
     for key, value in data.items():
-        if key not in names:
-            raise _unknown(key, names, where)
-        default = getattr(cls(), key)
-        kwargs[key] = _build(type(default), value, f"{where}{key}.") if is_dataclass(default) else value
-    return cls(**kwargs)
+        if key not in valid:
+            raise _unknown(key, value, list(valid), where)
+        if valid[key] is not None:
+            _check_keys(valid[key], value, f"{where}{key}.")
+
+
+def _field_names(cls) -> set:
+    names = set()
+    for name, sub in _sections(cls).items():
+        names |= {name} | (_field_names(sub) if sub else set())
+    return names
+
+
+PLAIN = {"float_parsing": "must be a number", "float_type": "must be a number",
+         "int_type": "must be an integer", "int_parsing": "must be an integer",
+         "int_from_float": "must be an integer", "bool_type": "must be true or false",
+         "bool_parsing": "must be true or false", "string_type": "must be a string",
+         "list_type": "must be a list", "string_too_short": "must not be empty",
+         "too_short": "must not be empty"}
+
+
+def _as_config_error(e: ValidationError) -> ConfigError:
+    """pydantic's first complaint as '<key>: <what is wrong> (got <value>)'."""
+    err, names = e.errors()[0], _field_names(TrainConfig)
+    key = ""
+    for part in err["loc"]:  # skip pydantic's union-branch labels such as 'int' or "literal[...]"
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif part in names:
+            key += f".{part}" if key else part
+    msg = PLAIN.get(err["type"]) or err["msg"].replace("Value error, ", "").replace("Input should be", "must be")
+    more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+    return ConfigError(f"{key or 'config'}: {msg} (got {err['input']!r}){more}")
+
+
+def _build(data: dict) -> "TrainConfig":
+    _check_keys(TrainConfig, data)
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        raise _as_config_error(e) from None
 
 
 def _parse_value(text: str):
@@ -174,52 +239,39 @@ def set_key(data: dict, path: str, value) -> None:
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"config key {path!r}: {k!r} is not a section")
+            raise ConfigError(f"{path}: {k} is not a section (got {node!r})")
     node[keys[-1]] = value
 
 
 def apply_override(data: dict, item: str) -> None:
     """'train.lr=1e-4' on the command line -> set_key(data, 'train.lr', 0.0001)."""
     if "=" not in item:
-        raise ConfigError(f"override must look like section.key=value, got {item!r}")
+        raise ConfigError(f"{item}: an override must look like section.key=value (got {item!r})")
     path, value = item.split("=", 1)
     set_key(data, path, _parse_value(value.strip()))
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    checks = [
-        (cfg.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {cfg.model.dtype!r}"),
-        (cfg.quant.compute_dtype in DTYPES, f"quant.compute_dtype must be one of {DTYPES}"),
-        (cfg.quant.storage_dtype in DTYPES + ("uint8",), "quant.storage_dtype must be a float dtype"),
-        (cfg.quant.storage_dtype != "uint8" or not cfg.quant.load_in_4bit,
-         "quant.storage_dtype=uint8 cannot be sharded by FSDP (it shards floating tensors only)"),
-        (cfg.quant.quant_type in ("nf4", "fp4"), "quant.quant_type must be nf4 or fp4"),
-        (cfg.lora.dtype in DTYPES, f"lora.dtype must be one of {DTYPES}"),
-        (cfg.lora.r > 0 and cfg.lora.alpha > 0, "lora.r and lora.alpha must be positive"),
-        (cfg.dpo.loss_type in LOSS_TYPES, f"dpo.loss_type must be one of {LOSS_TYPES}, "
-                                          f"got {cfg.dpo.loss_type!r}"),
-        (cfg.dpo.beta > 0, f"dpo.beta must be > 0, got {cfg.dpo.beta}"),
-        (0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
-        (cfg.train.schedule in SCHEDULES, f"train.schedule must be one of {SCHEDULES}"),
-        (cfg.train.micro_batch >= 1 and cfg.train.grad_accum >= 1,
-         "train.micro_batch and train.grad_accum must be >= 1"),
-        (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
-        (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
-        (cfg.data.max_length >= 4, "data.max_length must be >= 4"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
+    """Checks across keys (each key's own type and range were checked when it was built)."""
+    from dpo_lab.data import local_path
+    q = cfg.quant
+    if q.storage_dtype == "uint8" and q.load_in_4bit:
+        raise ConfigError("quant.storage_dtype: uint8 cannot be sharded by FSDP (it shards floating "
+                          "tensors only) (got 'uint8')")
     # bitsandbytes casts a layer's bias to the compute dtype in place, inside forward; under FSDP
     # that would rewrite a gathered parameter, so the unquantised weights must already match.
-    if cfg.quant.load_in_4bit and cfg.quant.compute_dtype != cfg.model.dtype:
-        raise ConfigError(f"quant.compute_dtype={cfg.quant.compute_dtype!r} must equal "
-                          f"model.dtype={cfg.model.dtype!r} (bitsandbytes casts biases in place)")
+    if q.load_in_4bit and q.compute_dtype != cfg.model.dtype:
+        raise ConfigError(f"quant.compute_dtype: must equal model.dtype={cfg.model.dtype!r} "
+                          f"(bitsandbytes casts biases in place) (got {q.compute_dtype!r})")
     # FSDP would cast the packed 4-bit bytes to param_dtype and turn them into garbage.
-    if cfg.quant.load_in_4bit and cfg.fsdp.param_dtype not in (None, cfg.quant.storage_dtype):
-        raise ConfigError(f"fsdp.param_dtype={cfg.fsdp.param_dtype!r} differs from "
-                          f"quant.storage_dtype={cfg.quant.storage_dtype!r}: FSDP would cast the packed "
-                          f"4-bit weights; set them equal or leave fsdp.param_dtype null")
+    if q.load_in_4bit and cfg.fsdp.param_dtype not in (None, q.storage_dtype):
+        raise ConfigError(f"fsdp.param_dtype: differs from quant.storage_dtype={q.storage_dtype!r}, so FSDP "
+                          f"would cast the packed 4-bit weights; set them equal or leave it null "
+                          f"(got {cfg.fsdp.param_dtype!r})")
+    try:  # a missing local data file is named now, not after the model is built
+        local_path(cfg.data.source)
+    except OSError as e:
+        raise ConfigError(f"data.source: {e} (got {cfg.data.source!r})") from None
     return cfg
 
 
@@ -228,15 +280,19 @@ def load_config(path=None, overrides=(), updates: dict | None = None) -> TrainCo
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist" if not path.exists()
+                              else f"config file {path} is not a file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path}: not valid UTF-8 YAML: {e}".replace("\n", " ")) from None
     for k, v in (updates or {}).items():
         set_key(data, k, v)
     for item in overrides:
         apply_override(data, item)
-    return validate(_build(TrainConfig, data))
+    return validate(_build(data))
 
 
 def from_dict(data: dict) -> TrainConfig:
-    return validate(_build(TrainConfig, data))
+    return validate(_build(data))

@@ -7,6 +7,8 @@
   `backend=` or set DPO_LAB_BACKEND to override.
 - A free port is picked per launch, so launches never collide.
 - If a rank raises, the others are stopped at once and RankFailed carries that rank's traceback.
+  If a rank dies without reporting (os._exit, a signal, the OOM killer), RankFailed names it and its
+  exit code or signal, even when its peers then fail with "connection reset by peer".
   If the job outlives `timeout` seconds, every rank is killed and RankTimeout names the ranks
   that had not finished. No process is left behind either way.
 """
@@ -14,18 +16,24 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
+import warnings
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+DEATH_GRACE_S = 3.0  # how long a survivor's error waits for a silently dead rank to be noticed
+
 
 class RankFailed(RuntimeError):
-    def __init__(self, rank: int, tb: str):
-        self.rank, self.traceback = rank, tb
+    """A rank raised (`traceback` is its traceback) or died without reporting (`exitcode` says how)."""
+
+    def __init__(self, rank: int, tb: str, exitcode: int | None = None):
+        self.rank, self.traceback, self.exitcode = rank, tb, exitcode
         super().__init__(f"rank {rank} failed:\n{tb}")
 
 
@@ -80,7 +88,22 @@ def _worker(fn, rank, world_size, port, backend, threads, pg_timeout, args, kwar
                 pass
 
 
-def _stop(procs):
+def describe_exit(code: int) -> str:
+    """'exit code 3' or 'killed by signal SIGKILL' (multiprocessing reports a signal as -signum)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+def _stop(procs, grace: float):
+    """Let every rank exit by itself for `grace` seconds, then SIGTERM, then SIGKILL: a finished
+    rank is never killed halfway through tearing down its process group."""
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -90,6 +113,45 @@ def _stop(procs):
         if p.is_alive():
             p.kill()
             p.join()
+
+
+class _Reports:
+    """The ranks' reports as they arrive, and which ranks died without one."""
+
+    def __init__(self, procs, results):
+        self.procs, self.results = procs, results
+        self.ok: dict[int, object] = {}
+        self.errors: dict[int, str] = {}
+
+    def poll(self, wait: float) -> bool:
+        """Take one report (waiting up to `wait` s); False if none came."""
+        try:
+            rank, status, payload = self.results.get(timeout=wait)
+        except queue.Empty:
+            return False
+        if status == "ok":
+            self.ok[rank] = pickle.loads(payload)
+        else:
+            self.errors[rank] = payload
+        return True
+
+    def silent_dead(self) -> list[int]:
+        """Ranks whose process ended without a report, after reading what is left in the pipe
+        (a rank that reported and exited may not have been read yet)."""
+        dead = lambda: [r for r, p in enumerate(self.procs)
+                        if p.exitcode is not None and r not in self.ok and r not in self.errors]
+        if dead():
+            while self.poll(0.5):
+                pass
+        return dead()
+
+    def died(self, rank: int) -> RankFailed:
+        code = self.procs[rank].exitcode
+        msg = f"process died without reporting a result: {describe_exit(code)}"
+        if self.errors:  # the survivors' errors ("connection reset by peer") follow from the death
+            msg += "\nother ranks then failed (likely a consequence):" + "".join(
+                f"\n  rank {r}: {tb.strip().splitlines()[-1]}" for r, tb in sorted(self.errors.items()))
+        return RankFailed(rank, msg, exitcode=code)
 
 
 def launch(fn, world_size: int, args=(), kwargs=None, *, backend: str | None = None,
@@ -115,32 +177,31 @@ def launch(fn, world_size: int, args=(), kwargs=None, *, backend: str | None = N
              for r in range(world_size)]
     for p in procs:
         p.start()
-    done: dict[int, object] = {}
+    rep = _Reports(procs, results)
     deadline = time.monotonic() + timeout
     try:
-        while len(done) < world_size:
-            try:
-                rank, status, payload = results.get(timeout=0.2)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise RankTimeout(timeout, [r for r in range(world_size) if r not in done]) from None
-                for r, p in enumerate(procs):  # died without reporting (segfault, OOM kill)
-                    if r not in done and p.exitcode not in (None, 0):
-                        try:  # its report may still be in the pipe
-                            rank, status, payload = results.get(timeout=1.0)
-                            break
-                        except queue.Empty:
-                            raise RankFailed(r, f"process exited with code {p.exitcode} "
-                                                f"without reporting a result") from None
-                else:
-                    continue
-            if status == "error":
-                raise RankFailed(rank, payload)
-            done[rank] = pickle.loads(payload)
+        while len(rep.ok) < world_size:
+            if dead := rep.silent_dead():
+                raise rep.died(dead[0])
+            if rep.errors:
+                # A rank that dies makes its peers fail ("connection reset by peer") a moment
+                # later; name the dead rank, not a survivor, if one shows up within a few seconds.
+                grace = time.monotonic() + DEATH_GRACE_S
+                while time.monotonic() < grace and not rep.silent_dead():
+                    rep.poll(0.1)
+                if dead := rep.silent_dead():
+                    raise rep.died(dead[0])
+                rank = next(iter(rep.errors))  # the first to report: later ones may be echoes
+                raise RankFailed(rank, rep.errors[rank])
+            if time.monotonic() > deadline:
+                raise RankTimeout(timeout, [r for r in range(world_size) if r not in rep.ok])
+            rep.poll(0.2)
     finally:
-        if len(done) == world_size:
-            for p in procs:
-                p.join(10)
-        _stop(procs)
+        # Ranks that finished are tearing down their process groups: give them time to exit.
+        _stop(procs, grace=60 if len(rep.ok) == world_size else 2)
         results.close()
-    return [done[r] for r in range(world_size)]
+    for r, p in enumerate(procs):
+        if p.exitcode != 0:
+            warnings.warn(f"rank {r} returned its result but then exited with {describe_exit(p.exitcode)}",
+                          RuntimeWarning, stacklevel=2)
+    return [rep.ok[r] for r in range(world_size)]
