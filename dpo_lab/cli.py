@@ -73,13 +73,8 @@ def cmd_train(args, rest) -> int:
     if args.kind != "dpo":
         print(f"unknown training kind {args.kind!r}; have: dpo", file=sys.stderr)
         return 2
-    from dpo_lab.data import DataFileError
     from dpo_lab.dpo.trainer import cli_main
-    try:
-        return cli_main(rest)  # prints config and bad-row errors itself
-    except (DataFileError, FileNotFoundError, IsADirectoryError) as e:  # unreadable data, before any rank
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli_main(rest)  # prints config and data errors itself, exit code 2
 
 
 def main(argv=None) -> int:

@@ -120,13 +120,13 @@ def sft_rows(problems, seed: int, carry_error: float = 0.6, slip_rate: float = 0
 
 def write_jsonl(rows, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

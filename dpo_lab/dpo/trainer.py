@@ -365,14 +365,15 @@ def cli_main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 dpo.beta=0.2")
     args = p.parse_args(argv)
-    from dpo_lab.data import InvalidRowError
+    from dpo_lab.data import DataFileError, InvalidRowError
     from dpo_lab.dpo.qlora import WrapError
     try:
         cfg = load_config(args.config, args.overrides)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             return _torchrun_main(cfg)
         res = run(cfg, args.nproc or 1, timeout=args.timeout)
-    except (ConfigError, InvalidRowError, WrapError) as e:
+    # Bad input found before any rank starts: one line, exit code 2, no traceback.
+    except (ConfigError, InvalidRowError, DataFileError, WrapError, FileNotFoundError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     last = res["history"][-1]
