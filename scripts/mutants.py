@@ -155,8 +155,8 @@ MUTANTS = [
       "manual_seed(self.seed * 100003)", "every epoch sees the rows in the same order",
       T + "test_dpo_config.py::test_plan_same_global_batch_on_1_and_2_ranks"),
     # ---------------------------------------------------------------- parallel/collectives
-    M("ring-recv-index", COLL, "send_idx, recv_idx = (rank - step) % n, (rank - step - 1) % n",
-      "send_idx, recv_idx = (rank - step) % n, (rank - step + 1) % n", "ring reduce-scatter adds into the wrong chunk",
+    M("ring-assign-not-add", COLL, "        chunks[recv_idx] += buf", "        chunks[recv_idx] = buf",
+      "ring reduce-scatter replaces the partial sum (and writes nothing into the tensor)",
       T + "test_collectives.py::test_naive_and_ring_equal_dist_all_reduce"),
     M("naive-overwrites", COLL, "            t += buf", "            t.copy_(buf)",
       "naive all-reduce keeps the last rank's tensor instead of the sum",
