@@ -65,7 +65,7 @@ def test_expert_parallel_with_unequal_token_counts_raises_on_every_rank():
 @pytest.mark.parametrize("case,message", [
     ("shape", r"rank 1: micro-batch 2 has shape \(3, 8\), micro-batch 0 has \(2, 8\)"),
     ("count", "rank 1: the schedule runs 5 micro-batches, 4 were given"),
-])
+], ids=["shape", "count"])
 def test_pipeline_with_bad_microbatches_raises_on_every_rank(case, message):
     with pytest.raises(RankFailed, match=message):
         launch(_edge_ranks.pipeline_bad_microbatches, 2, args=(case,), timeout=TIMEOUT)
