@@ -43,3 +43,51 @@ def test_gpt_param_count_and_planning():
     plan, mem, _ = cost.best_plan(cost.LLAMA_405B, "dpo_full", 1024)
     assert plan.gpus == 1024 and mem["total"] <= 0.9 * cost.Hardware().memory_bytes
     assert cost.best_plan(cost.LLAMA_405B, "dpo_full", 8) is None  # 405B · 18 bytes ≫ 8 × 80 GB
+
+
+def test_alpha_beta_times_by_hand():
+    # 1 GB over 8 ranks, α = 10 µs, β = 100 GB/s: 7 steps of latency, 7/8 of the bytes
+    assert cost.ring_all_gather_time(1e9, 8, 1e-5, 1e11) == pytest.approx(7e-5 + 0.00875, rel=1e-12)
+    assert cost.ring_all_reduce_time(1e9, 8, 1e-5, 1e11) == pytest.approx(2 * (7e-5 + 0.00875), rel=1e-12)
+    assert cost.ring_all_gather_time(1e9, 1, 1e-5, 1e11) == 0.0
+
+
+def test_flops_per_token_by_hand():
+    m = cost.LLAMA_7B  # N = 7e9, L = 32, h = 4096, s = 4096: 12·L·h·s = 6.442e9
+    attn = 12 * 32 * 4096 * 4096
+    assert cost.flops_per_token(m, "pretrain") == 6 * 7e9 + attn
+    assert cost.flops_per_token(m, "dpo_full") == 6 * 7e9 + attn + 2 * 7e9 + attn / 3
+    assert cost.flops_per_token(m, "dpo_qlora") == 4 * 7e9 + attn + 2 * 7e9 + attn / 3
+
+
+def test_step_time_terms_by_hand():
+    m, hw = cost.LLAMA_70B, cost.Hardware()
+    plan = cost.Plan(dp=2, tp=4, pp=4, zero_stage=1, sp=True, micro_batches=8)
+    t = cost.step_time(m, plan, "pretrain", global_batch=64, hw=hw)
+    tokens = 64 * m.seq
+    flops = (6 * m.params + 12 * m.layers * m.hidden * m.seq) * tokens
+    assert t["compute"] == pytest.approx(flops / (32 * hw.peak_flops * hw.mfu) * (1 + 3 / 8), rel=1e-12)
+    act = 2 * m.seq * (64 / 2) * m.hidden  # bf16 (s, b, h) per DP rank
+    per_all_reduce = 2 * 3 * hw.intra_alpha + 2 * 3 / 4 * act / hw.intra_beta
+    assert t["tp_comm"] == pytest.approx(4 * (m.layers / 4) * per_all_reduce, rel=1e-12)
+    grads = 2 * m.params / 16  # bf16 gradients of this rank's TP·PP share, all-reduced over DP = 2
+    assert t["dp_comm"] == pytest.approx(2 * hw.inter_alpha + grads / hw.inter_beta, rel=1e-12)
+
+
+def test_memory_terms_by_hand():
+    m = cost.LLAMA_7B
+    plan = cost.Plan(dp=4, tp=2, pp=4, zero_stage=1, micro_batches=8)
+    mem = cost.memory_per_gpu(m, plan, "dpo_full")
+    assert mem["reference"] == 2 * 7e9 / 8  # a bf16 copy, split by TP·PP
+    # 1F1B: 4 micro-batches in flight on the first stage, 8 layers each, chosen + rejected = 2 sequences
+    per_layer = m.seq * 2 * m.hidden * (10 + 24 / 2 + 5 * m.heads * m.seq / (m.hidden * 2))
+    assert mem["activations"] == pytest.approx(per_layer * 8 * 4, rel=1e-12)
+    assert cost.memory_per_gpu(m, cost.Plan(dp=4, zero_stage=3), "dpo_full")["reference"] == 2 * 7e9 / 4
+
+
+def test_recomputation_costs_one_more_forward():
+    plan, _, t = cost.best_plan(cost.LLAMA_70B, "dpo_full", 64)
+    assert plan.checkpointing  # the fastest plan that fits 70B full DPO on 64 GPUs recomputes
+    plain = cost.step_time(cost.LLAMA_70B, plan, "dpo_full")
+    assert t["compute"] == pytest.approx(plain["compute"] * 4 / 3, rel=1e-12)
+    assert t["total"] == pytest.approx(t["compute"] + plain["dp_comm"] + plain["tp_comm"], rel=1e-12)

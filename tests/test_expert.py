@@ -1,4 +1,6 @@
 """Mixture of experts: routing by hand, the layer against a per-token loop, expert parallel on ranks."""
+import math
+
 import pytest
 import torch
 
@@ -64,3 +66,30 @@ def test_expert_parallel_equals_single_process(world):
         assert r["same_dropped"] and r["dropped"] > 0  # the same tokens are dropped
         assert r["collectives_forward"] == {("all_to_all", "forward"): 2}
         assert r["collectives_backward"] == {("all_to_all", "backward"): 2}
+
+
+def test_gates_are_the_top_k_probabilities_renormalised():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.5]])
+    p = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits.tolist()]
+    r2 = route(logits, k=2, capacity_factor=4.0)
+    assert r2.expert.tolist() == [[0, 1], [1, 2]]
+    want = [[p[0][0] / (p[0][0] + p[0][1]), p[0][1] / (p[0][0] + p[0][1])],
+            [p[1][1] / (p[1][1] + p[1][2]), p[1][2] / (p[1][1] + p[1][2])]]
+    torch.testing.assert_close(r2.gate, torch.tensor(want), rtol=1e-6, atol=1e-7)
+    r1 = route(logits, k=1, capacity_factor=4.0)  # Switch: top-1 keeps its probability
+    torch.testing.assert_close(r1.gate[:, 0], torch.tensor([p[0][0], p[1][1]]), rtol=1e-6, atol=1e-7)
+
+
+def test_capacity_rounds_up():
+    assert capacity(10, 4, 1, 1.0) == 3  # 2.5 slots -> 3
+    assert capacity(9, 4, 2, 1.0) == 5   # 4.5 -> 5
+    assert capacity(1, 8, 1, 1.0) == 1
+
+
+def test_load_balancing_loss_by_hand_with_two_choices():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0], [2.0, 0.0, 1.0]])
+    r = route(logits, k=2, capacity_factor=4.0)
+    # assignments: token0 -> 0,1; token1 -> 1,2; token2 -> 2,0; token3 -> 0,2: f = (3, 2, 3) / 8
+    f = torch.tensor([3, 2, 3]) / 8
+    P = logits.softmax(-1).mean(0)
+    assert load_balancing_loss(r).item() == pytest.approx(3 * (f * P).sum().item(), rel=1e-6)

@@ -42,6 +42,10 @@ def test_korthikanti_formulas():
     assert korthikanti_bytes(s, b, h, a, 8, True) == pytest.approx(none / 8)  # SP shards everything
     tp = korthikanti_bytes(s, b, h, a, 8)
     assert none / 8 < tp < none  # TP alone leaves 10·sbh replicated
+    # Table 2 of the paper, term by term: 5as/h = 80 here
+    assert tp == pytest.approx(s * b * h * (10 + 24 / 8 + 80 / 8), rel=1e-12)
+    assert korthikanti_bytes(s, b, h, a, 8, selective_recompute=True) == pytest.approx(s * b * h * (10 + 24 / 8))
+    assert korthikanti_bytes(s, b, h, a, 8, True, True) == pytest.approx(s * b * h * 34 / 8)
 
 
 def test_saved_activations_counts_each_storage_once_and_skips_weights():

@@ -13,6 +13,9 @@ import torch.nn as nn
 
 def rope_tables(head_dim: int, positions: torch.Tensor, theta: float = 10000.0):
     """cos/sin of shape (seq, head_dim) for rotary embeddings (Llama's "rotate half" layout)."""
+    if head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} is odd: RoPE rotates pairs of dimensions and needs an "
+                         f"even head dimension")
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
@@ -83,11 +86,17 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None,
                  rope_theta: float = 10000.0, bias: bool = False, layer_idx: int = 0):
         super().__init__()
-        n_kv_heads = n_kv_heads or n_heads
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads  # `or` would turn 0 into MHA
+        if n_heads < 1 or n_kv_heads < 1:
+            raise ValueError(f"n_heads={n_heads} and n_kv_heads={n_kv_heads} must be >= 1 "
+                             f"(n_kv_heads=None means n_heads)")
         if dim % n_heads:
             raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
+        if (dim // n_heads) % 2:
+            raise ValueError(f"head_dim = dim // n_heads = {dim}//{n_heads} = {dim // n_heads} is odd: "
+                             f"RoPE rotates pairs of dimensions and needs an even head dimension")
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = dim // n_heads
         self.rope_theta, self.layer_idx = rope_theta, layer_idx

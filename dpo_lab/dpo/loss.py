@@ -25,6 +25,16 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     return total / mask.sum(-1).clamp(min=1) if average else total
 
 
+def _check_shapes(**tensors) -> None:
+    """Every argument must have the first one's shape: broadcasting would silently pair the
+    wrong completions."""
+    (first, ref), *rest = tensors.items()
+    for name, t in rest:
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, {first} has {tuple(ref.shape)}: "
+                             f"dpo_loss needs one value per pair in each")
+
+
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
              loss_type: str = "sigmoid", label_smoothing: float = 0.0,
              chosen_lengths=None, rejected_lengths=None):
@@ -40,6 +50,17 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
         raise ValueError(f"unknown loss_type {loss_type!r}; have {LOSS_TYPES}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    if not float(beta) > 0:  # also catches NaN; β ≤ 0 flips or erases the preference
+        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_shapes(policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                  ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        given = "chosen_lengths" if rejected_lengths is None else "rejected_lengths"
+        raise ValueError(f"got {given} alone: pass both chosen_lengths and rejected_lengths "
+                         f"(per-token means, as TRL's IPO) or neither (sequence sums)")
+    if chosen_lengths is not None:
+        _check_shapes(policy_chosen=policy_chosen, chosen_lengths=chosen_lengths,
+                      rejected_lengths=rejected_lengths)
     chosen_logratios = policy_chosen - ref_chosen
     rejected_logratios = policy_rejected - ref_rejected
     delta = chosen_logratios - rejected_logratios

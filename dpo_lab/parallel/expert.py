@@ -140,6 +140,7 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])
+        self._check_token_counts(tokens)
         r = route(self.router(tokens), self.k, self.capacity_factor)
         buf = dispatch(tokens, r, self.n_experts)            # (E, C, d), experts in rank order
         recv = all_to_all(buf, self.group)                   # (n·E_local, C, d): my experts' slots from every rank
@@ -148,6 +149,21 @@ class ExpertParallelMoE(nn.Module):
                            for e, expert in enumerate(self.experts)], dim=1)
         back = all_to_all(out.reshape(self.n_experts, r.capacity, -1), self.group)  # (E, C, d) home again
         return combine(back, r, tokens.shape[0]).view_as(x), load_balancing_loss(r), r
+
+    def _check_token_counts(self, tokens) -> None:
+        """The capacity, hence the all-to-all buffers, follow the token count: unequal counts
+        would mismatch the all-to-all. Agreed over the group so that every rank raises."""
+        mine = torch.tensor([tokens.shape[0], tokens.shape[1]], device=tokens.device)
+        counts = [torch.empty_like(mine) for _ in range(self.n)]
+        dist.all_gather(counts, mine, group=self.group)
+        counts = [tuple(c.tolist()) for c in counts]
+        for rank, (n_tok, width) in enumerate(counts):
+            if width != counts[0][1]:
+                raise ValueError(f"rank {rank} has tokens of width {width}, rank 0 has {counts[0][1]}: "
+                                 f"expert parallel needs one model dimension on every rank")
+            if n_tok != counts[0][0]:
+                raise ValueError(f"rank {rank} has {n_tok} tokens, rank 0 has {counts[0][0]}: expert "
+                                 f"parallel needs equal token counts per rank (pad or drop)")
 
 
 def ep_check_rank(seed: int = 0, dim: int = 16, hidden: int = 32, n_experts: int = 4, k: int = 2,

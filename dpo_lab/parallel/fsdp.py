@@ -125,6 +125,21 @@ def _units_of(module: nn.Module) -> list[nn.Module]:
     return inner + [module]
 
 
+def _check_fp32(module: nn.Module) -> None:
+    """The fp32 master shards are cast from the module's weights and cast back into them, so a
+    bf16 or fp64 module would silently train at another precision. Agreed over the ranks, so
+    that every rank raises instead of the others waiting in the first broadcast."""
+    bad = next((f"parameter {name!r} is {p.dtype}" for name, p in module.named_parameters()
+                if p.requires_grad and p.dtype != torch.float32), None)
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, bad)
+    for rank, problem in enumerate(found):
+        if problem is not None:
+            raise ValueError(f"rank {rank}: {problem}: FullyShardedDataParallel keeps fp32 master "
+                             f"weights and needs an fp32 module; for bf16 compute keep the module "
+                             f"fp32 and pass compute_dtype=torch.bfloat16")
+
+
 class FullyShardedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -132,6 +147,7 @@ class FullyShardedDataParallel(nn.Module):
             raise RuntimeError("FullyShardedDataParallel needs torch.distributed initialised (use launch)")
         if compute_dtype is not None and not compute_dtype.is_floating_point:
             raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
+        _check_fp32(module)
         self.module, self.compute_dtype = module, compute_dtype
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.bytes_sent, self.pending = 0, []

@@ -59,6 +59,38 @@ def _tag(microbatch: int, receiver_vs: int, backward: bool, n_virtual: int) -> i
     return (microbatch * n_virtual + receiver_vs) * 2 + int(backward)
 
 
+def check_microbatches(schedule, microbatches, targets) -> None:
+    """Every stage sizes its receive buffers from micro-batch 0, so micro-batches of another shape,
+    or a schedule over another number of them, would mismatch a send and a receive (a hang or
+    garbage). Agreed over the ranks, so that every rank raises and none waits in a receive."""
+    shapes = [tuple(mb.shape) for mb in microbatches]
+    wanted = 1 + max((a.microbatch for stage in schedule for a in stage), default=-1)
+    problem = None
+    if not shapes:
+        problem = "no micro-batches"
+    elif len(targets) != len(shapes):
+        problem = f"{len(shapes)} micro-batches but {len(targets)} targets"
+    elif wanted != len(shapes):
+        problem = f"the schedule runs {wanted} micro-batches, {len(shapes)} were given"
+    else:
+        for i, (shape, tgt) in enumerate(zip(shapes, targets)):
+            if shape != shapes[0]:
+                problem = (f"micro-batch {i} has shape {shape}, micro-batch 0 has {shapes[0]}: "
+                           f"pipeline micro-batches must all have one shape")
+                break
+            if tuple(tgt.shape) != shape:
+                problem = f"targets of micro-batch {i} have shape {tuple(tgt.shape)}, its tokens {shape}"
+                break
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, (problem, shapes[:1]))
+    for rank, (prob, first) in enumerate(found):
+        if prob is None and first != found[0][1]:
+            prob = (f"micro-batch 0 has shape {first[0]} here, {found[0][1][0]} on rank 0: every "
+                    f"stage must see micro-batches of one shape")
+        if prob is not None:
+            raise ValueError(f"rank {rank}: {prob}")
+
+
 def run_pipeline(chunks: dict[int, Chunk], schedule, microbatches, targets, t_f: float = 0.0,
                  t_b: float | None = None, t0: float = 0.0):
     """Execute this rank's part of `schedule`. chunks: {chunk index: Chunk}; microbatches and
@@ -70,6 +102,7 @@ def run_pipeline(chunks: dict[int, Chunk], schedule, microbatches, targets, t_f:
     rank, p = dist.get_rank(), dist.get_world_size()
     if len(schedule) != p:
         raise ValueError(f"schedule has {len(schedule)} stages but the job has {p} ranks")
+    check_microbatches(schedule, microbatches, targets)
     t_b = 2 * t_f if t_b is None else t_b
     v = len(chunks)
     last_vs = v * p - 1
