@@ -1,0 +1,135 @@
+"""Rank functions for the data-parallel correctness and clean-exit tests (spawned ranks need an
+importable module). The single-process references here use plain torch only."""
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpo_lab.parallel.data_parallel import DataParallel
+from dpo_lab.parallel.zero import ShardedOptimizer
+
+DIM, ROWS = 8, 4  # rows per rank
+
+
+class Branchy(nn.Module):
+    """`branch` runs only when asked: a parameter some ranks use on a step and others do not.
+    `inp` has the shape of `branch`, so all-reduces paired out of order fail silently."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(DIM, DIM)
+        self.branch = nn.Linear(DIM, DIM)
+        self.mid = nn.Linear(DIM, DIM)
+        self.out = nn.Linear(DIM, 1)
+
+    def forward(self, x, use_branch: bool):
+        h = torch.tanh(self.inp(x))
+        if use_branch:
+            h = h + torch.tanh(self.branch(h))
+        return self.out(torch.tanh(self.mid(h)))
+
+
+def make_branchy(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Branchy()
+
+
+def branchy_data(steps, world_size, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(steps, world_size * ROWS, DIM, generator=g), torch.randn(steps, world_size * ROWS, 1, generator=g)
+
+
+def branchy_single(uses, lr=0.05) -> dict:
+    """Reference: one process; step s's loss is the mean over ranks r of rank r's mean loss, with
+    the branch taken iff uses[s][r]. A parameter no rank used gets no gradient (AdamW skips it)."""
+    world_size = len(uses[0])
+    model = make_branchy()
+    xs, ys = branchy_data(len(uses), world_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for s in range(len(uses)):
+        loss = sum(F.mse_loss(model(xs[s, r * ROWS:(r + 1) * ROWS], uses[s][r]), ys[s, r * ROWS:(r + 1) * ROWS])
+                   for r in range(world_size)) / world_size
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _wrap(strategy, model, lr):
+    if strategy == "ddp":
+        m = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        return m, torch.optim.AdamW(m.parameters(), lr=lr), None
+    if strategy == "zero2":
+        for t in model.parameters():
+            dist.broadcast(t.data, src=0)
+        opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=lr)
+        return model, opt, opt
+    bucket = 300 / 2**20 if strategy.startswith("dp_bucketed") else None  # a few parameters a bucket
+    m = DataParallel(model, bucket_size_mb=bucket, find_unused_parameters=strategy.endswith("unused"))
+    return m, torch.optim.AdamW(m.parameters(), lr=lr), m
+
+
+def branchy_train(jobs, lr=0.05) -> list:
+    """Rank function: for each (strategy, uses) in jobs, {name: final parameter} after training
+    Branchy with the branch taken on step s iff uses[s][rank]."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    out = []
+    for strategy, uses in jobs:
+        xs, ys = branchy_data(len(uses), n)
+        model = make_branchy(seed=rank * 100)  # different on every rank: the wrappers broadcast
+        wrapped, opt, syncer = _wrap(strategy, model, lr)
+        for s in range(len(uses)):
+            rows = slice(rank * ROWS, (rank + 1) * ROWS)
+            F.mse_loss(wrapped(xs[s, rows], uses[s][rank]), ys[s, rows]).backward()
+            if syncer is not None:
+                syncer.finish_gradient_synchronization()
+            opt.step()
+            opt.zero_grad()
+        out.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return out
+
+
+def accumulate_train(strategies, steps=2, micro=2, lr=0.05) -> dict:
+    """Rank function: gradient accumulation over `micro` micro-batches per step, the first ones
+    inside no_sync(). Equal to one process on the whole batch (see accumulate_single)."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    xs, ys = branchy_data(steps, n)
+    out = {}
+    for strategy in strategies:
+        model = make_branchy(seed=rank * 100)
+        wrapped, opt, syncer = _wrap(strategy, model, lr)
+        for s in range(steps):
+            rows = torch.arange(rank * ROWS, (rank + 1) * ROWS).chunk(micro)
+            for j, idx in enumerate(rows):
+                last = j == micro - 1
+                with wrapped.no_sync() if not last else nullcontext():
+                    (F.mse_loss(wrapped(xs[s, idx], True), ys[s, idx]) / micro).backward()
+            if syncer is not None:
+                syncer.finish_gradient_synchronization()
+            opt.step()
+            opt.zero_grad()
+        out[strategy] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+def accumulate_single(world_size, steps=2, lr=0.05) -> dict:
+    model = make_branchy()
+    xs, ys = branchy_data(steps, world_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for s in range(steps):
+        F.mse_loss(model(xs[s], True), ys[s]).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def two_backwards_without_no_sync(bucketed: bool):
+    """Rank function: the mistake no_sync() exists for. Must raise, not return."""
+    xs, ys = branchy_data(1, dist.get_world_size())
+    model = DataParallel(make_branchy(), bucket_size_mb=300 / 2**20 if bucketed else None)
+    for _ in range(2):
+        F.mse_loss(model(xs[0, :ROWS], True), ys[0, :ROWS]).backward()
+    model.finish_gradient_synchronization()
+    return {n: p.grad.clone() for n, p in model.module.named_parameters()}
