@@ -104,9 +104,13 @@ def accumulate_train(strategies, steps=2, micro=2, lr=0.05) -> dict:
             rows = torch.arange(rank * ROWS, (rank + 1) * ROWS).chunk(micro)
             for j, idx in enumerate(rows):
                 last = j == micro - 1
+                if strategy == "zero2":  # ZeRO-2 accumulates the reduced pieces instead
+                    (F.mse_loss(wrapped(xs[s, idx], True), ys[s, idx]) / micro).backward()
+                    opt.finish_gradient_synchronization()
+                    continue
                 with wrapped.no_sync() if not last else nullcontext():
                     (F.mse_loss(wrapped(xs[s, idx], True), ys[s, idx]) / micro).backward()
-            if syncer is not None:
+            if syncer is not None and strategy != "zero2":
                 syncer.finish_gradient_synchronization()
             opt.step()
             opt.zero_grad()
@@ -125,11 +129,11 @@ def accumulate_single(world_size, steps=2, lr=0.05) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def two_backwards_without_no_sync(bucketed: bool):
+def two_backwards_without_sync(strategy: str):
     """Rank function: the mistake no_sync() exists for. Must raise, not return."""
     xs, ys = branchy_data(1, dist.get_world_size())
-    model = DataParallel(make_branchy(), bucket_size_mb=300 / 2**20 if bucketed else None)
+    model, opt, syncer = _wrap(strategy, make_branchy(), lr=0.05)
     for _ in range(2):
         F.mse_loss(model(xs[0, :ROWS], True), ys[0, :ROWS]).backward()
-    model.finish_gradient_synchronization()
-    return {n: p.grad.clone() for n, p in model.module.named_parameters()}
+    syncer.finish_gradient_synchronization()
+    return "no error"

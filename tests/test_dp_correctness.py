@@ -22,8 +22,8 @@ def test_parameter_used_on_some_ranks_only_matches_single_process_and_ddp():
     # find_unused_parameters=True: every step, as DDP; False: a zero gradient for a parameter no
     # rank used (AdamW's decay would move it), so only the steps where some rank uses it.
     jobs = [("dp_unused", USES), ("dp_bucketed_unused", USES), ("ddp", USES),
-            ("dp", USES[:2]), ("dp_bucketed", USES[:2])]
-    res = launch(R.branchy_train, 2, args=(jobs,), timeout=120)
+            ("dp", USES[:2]), ("dp_bucketed", USES[:2]), ("zero2", USES[:2])]
+    res = launch(R.branchy_train, 2, args=(jobs,), timeout=60)
     for rank in range(2):
         for (s, uses), got in zip(jobs, res[rank]):
             assert max_abs_diff(got, ref if len(uses) == 3 else ref2) < 1e-5, (rank, s)
@@ -33,13 +33,15 @@ def test_parameter_used_on_some_ranks_only_matches_single_process_and_ddp():
 
 def test_gradient_accumulation_with_no_sync_matches_single_process_and_ddp():
     ref = R.accumulate_single(2)
-    res = launch(R.accumulate_train, 2, args=(("dp", "dp_bucketed", "ddp"),), timeout=120)
+    strategies = ("dp", "dp_bucketed", "ddp", "zero2")
+    res = launch(R.accumulate_train, 2, args=(strategies,), timeout=60)
     for rank in range(2):
-        for s in ("dp", "dp_bucketed", "ddp"):
+        for s in strategies:
             assert max_abs_diff(res[rank][s], ref) < 1e-5, (rank, s)
 
 
-@pytest.mark.parametrize("bucketed", [False, True])
-def test_second_backward_without_no_sync_raises(bucketed):
-    with pytest.raises(RankFailed, match=r"(?s)parameter '.*' received another gradient.*no_sync"):
-        launch(R.two_backwards_without_no_sync, 2, args=(bucketed,), timeout=120)
+@pytest.mark.parametrize("strategy,fix", [("dp", "no_sync"), ("dp_bucketed", "no_sync"),
+                                          ("zero2", "after each backward")])
+def test_second_backward_before_the_sync_raises(strategy, fix):
+    with pytest.raises(RankFailed, match=rf"(?s)parameter '.*' received another gradient.*{fix}"):
+        launch(R.two_backwards_without_sync, 2, args=(strategy,), timeout=60)
