@@ -137,3 +137,56 @@ def two_backwards_without_sync(strategy: str):
         F.mse_loss(model(xs[0, :ROWS], True), ys[0, :ROWS]).backward()
     syncer.finish_gradient_synchronization()
     return "no error"
+
+
+# --- vocabulary-parallel cross-entropy ---------------------------------------------------------
+
+VOCAB = 12  # divisible by 1, 2 and 3 ranks
+
+
+def vocab_ce_against_torch() -> dict:
+    """Rank function: {case: (max |loss − torch|, max |grad − torch|, loss is nan, torch is nan)}
+    for vocab_parallel_cross_entropy on this rank's shard vs F.cross_entropy on the full logits."""
+    from dpo_lab.parallel.tensor import vocab_parallel_cross_entropy
+    rank, n = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(4, 3, VOCAB, generator=g) * 3
+    target = torch.randint(0, VOCAB, (4, 3), generator=g)
+    target[0, 1] = target[2, 0] = target[3, 2] = -100
+    cases = {"mixed": target, "none_ignored": target.clamp(min=0), "all_ignored": torch.full_like(target, -100),
+             "custom_index": target.masked_fill(target == -100, 7)}
+    out = {}
+    for name, t in cases.items():
+        for reduction in ("mean", "sum", "none"):
+            ignore = 7 if name == "custom_index" else -100
+            ref_logits = full.clone().requires_grad_()
+            ref = F.cross_entropy(ref_logits.flatten(0, 1), t.flatten(), reduction=reduction, ignore_index=ignore)
+            ref.sum().backward()
+            shard = full.chunk(n, -1)[rank].clone().requires_grad_()
+            got = vocab_parallel_cross_entropy(shard, t, reduction=reduction, ignore_index=ignore)
+            got.sum().backward()
+            ref_grad = ref_logits.grad.chunk(n, -1)[rank]
+            out[(name, reduction)] = ((got.flatten() - ref.flatten()).abs().nan_to_num(0).max().item(),
+                                      (shard.grad - ref_grad).abs().nan_to_num(0).max().item(),
+                                      bool(got.isnan().any()), bool(ref.isnan().any()),
+                                      bool(shard.grad.isnan().any()), bool(ref_logits.grad.isnan().any()))
+    return out
+
+
+def vocab_ce_bad_targets() -> list:
+    """Rank function: the error message each case raised on this rank (None: no error)."""
+    from dpo_lab.parallel.tensor import vocab_parallel_cross_entropy
+    rank, n = dist.get_rank(), dist.get_world_size()
+    logits = torch.randn(4, VOCAB // n)
+    good = torch.tensor([0, 5, -100, VOCAB - 1])
+    cases = [torch.tensor([0, VOCAB, 3, 1]), torch.tensor([0, -5, 3, 1]),
+             good.clone() if rank < n - 1 else torch.tensor([0, 1, 99, 2]),  # the last rank only
+             good]
+    out = []
+    for t in cases:
+        try:
+            vocab_parallel_cross_entropy(logits, t)
+            out.append(None)
+        except ValueError as e:
+            out.append(str(e))
+    return out
