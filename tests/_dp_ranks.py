@@ -190,3 +190,44 @@ def vocab_ce_bad_targets() -> list:
         except ValueError as e:
             out.append(str(e))
     return out
+
+
+# --- clean exit: ranks started by a harness of our own, not by dpo_lab.parallel.launch ------------
+
+def clean_exit_rank(rank: int, world_size: int, port: int) -> None:
+    """Train tied-weight and rank-dependent models through every wrapper, destroy the group, exit.
+    Any collective left in flight or mismatched shows up as a non-zero exit code (-6: SIGABRT)."""
+    import os
+    from datetime import timedelta
+
+    from dpo_lab.parallel.dp_training import train_strategies
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    train_strategies(("dp", "dp_bucketed", "zero1", "zero2"), steps=2, batch=4, seq=8, tied=True)
+    branchy_train([("dp_bucketed", [[True, False], [False, True]]), ("zero2", [[False, True]])])
+    dist.destroy_process_group()
+
+
+def clean_exit_main(runs: int, world_size: int = 2) -> None:
+    """Start `runs` jobs of `world_size` spawned ranks one after another; print each exit code."""
+    import multiprocessing as mp
+
+    from dpo_lab.parallel.launch import free_port
+    ctx = mp.get_context("spawn")
+    for _ in range(runs):
+        procs = [ctx.Process(target=clean_exit_rank, args=(r, world_size, port))
+                 for port in [free_port()] for r in range(world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+            if p.is_alive():  # a hang guard only
+                p.kill()
+                p.join()
+        print("exitcodes", *[p.exitcode for p in procs], flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+    clean_exit_main(int(sys.argv[1]))
