@@ -127,6 +127,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for p, shard, (lo, hi, _) in zip(self.param_groups[0]["params"], self.shards, self.ranges):
                 shard.grad = None if p.grad is None else p.grad.view(-1)[lo:hi]
         elif self.pending or any(self.ready):  # a backward since the last synchronisation
+            # (a rank that may get no gradient at all must call finish_gradient_synchronization)
             self.finish_gradient_synchronization()
         for key, value in self.param_groups[0].items():  # lr schedulers edit our param_groups
             if key != "params":
