@@ -14,7 +14,7 @@ import pytest
 from dpo_lab.paths import REPO_ROOT
 
 pytestmark = pytest.mark.distributed
-RUNS = 5
+RUNS = 3  # each run is two fresh processes (seconds of start-up): kept short
 
 
 def test_spawned_ranks_exit_cleanly_every_time():
