@@ -27,3 +27,6 @@ def test_tied_and_frozen_parameters():
     for s in ("dp", "dp_bucketed"):
         assert max_abs_diff(res[1][s]["params"], ref) < 1e-4
         assert res[1][s]["params"]["frozen"].abs().max() == 0  # never updated
+    # the tied matrix is all-reduced once a step, the frozen vector never: 2Ψ(n-1)/n, Ψ trainable
+    psi = sum(p.numel() for n, p in ref.items() if n != "frozen")
+    assert res[0]["dp"]["bytes_per_step"] == 2 * (2 - 1) / 2 * psi * 4

@@ -247,14 +247,25 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     Three all-reduces of per-token scalars (max, target logit, sum of exp) instead of gathering
     the (tokens × V) logits. Backward needs no communication: softmax − one-hot, locally.
+    Rows whose target is ignore_index get loss 0 and gradient 0, as in F.cross_entropy.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, lo, hi, group):
+    def forward(ctx, logits, target, lo, hi, group, vocab, ignore_index):
         z = logits.float()
-        zmax = z.max(dim=-1).values
+        ignored = target == ignore_index
+        bad = ~ignored & ((target < 0) | (target >= vocab))
+        # The bad-target flag rides on the max all-reduce: every rank learns that some rank got a
+        # bad target and raises, instead of the others waiting in the next all-reduce.
+        zmax = torch.cat([z.max(dim=-1).values.reshape(-1), bad.any().to(z.dtype).reshape(1)])
         dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
         record("all_reduce", "forward")
+        if zmax[-1] > 0:
+            values = sorted(set(target[bad].tolist()))
+            where = (f"target values {values[:5]}" if values else "a target on another rank of the group")
+            raise ValueError(f"vocab_parallel_cross_entropy: {where} outside [0, {vocab}) "
+                             f"(vocab size {vocab}; ignore_index={ignore_index} marks rows to skip)")
+        zmax = zmax[:-1].view(target.shape)
         z = z - zmax[..., None]  # stable exp
         inside = (target >= lo) & (target < hi)
         local_t = (target - lo).masked_fill(~inside, 0)
@@ -266,30 +277,36 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         dist.all_reduce(sum_exp, group=group)
         record("all_reduce", "forward")
         softmax = exp / sum_exp[..., None]
-        ctx.save_for_backward(softmax, local_t, inside)
+        ctx.save_for_backward(softmax, local_t, inside, ignored)
         ctx.dtype = logits.dtype
-        return sum_exp.log() - z_t
+        return (sum_exp.log() - z_t).masked_fill(ignored, 0.0)
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, local_t, inside = ctx.saved_tensors
+        softmax, local_t, inside, ignored = ctx.saved_tensors
         g = softmax.clone()
         g.scatter_add_(-1, local_t[..., None], -inside[..., None].to(g.dtype))
-        return (g * grad[..., None]).to(ctx.dtype), None, None, None, None
+        grad = grad.masked_fill(ignored, 0.0)
+        return (g * grad[..., None]).to(ctx.dtype), None, None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_shard, target, group=None, reduction="mean"):
-    """Cross-entropy over vocab-sharded logits (..., V/t); equal to F.cross_entropy on the full ones."""
+def vocab_parallel_cross_entropy(logits_shard, target, group=None, reduction="mean", ignore_index=-100):
+    """Cross-entropy over vocab-sharded logits (..., V/t); equal to F.cross_entropy on the full ones,
+    ignore_index included: "mean" divides by the rows not ignored (nan when all are, like torch).
+    A target outside [0, V) other than ignore_index raises ValueError on every rank."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    if target.shape != logits_shard.shape[:-1]:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits "
+                         f"{tuple(logits_shard.shape)} without the vocabulary dimension")
     vocab = logits_shard.shape[-1] * dist.get_world_size(group)
     lo, hi = vocab_range(vocab, group)
-    loss = _VocabParallelCrossEntropy.apply(logits_shard, target, lo, hi, group)
+    loss = _VocabParallelCrossEntropy.apply(logits_shard, target, lo, hi, group, vocab, ignore_index)
     if reduction == "mean":
-        return loss.mean()
+        return loss.sum() / (target != ignore_index).sum()
     if reduction == "sum":
         return loss.sum()
-    if reduction == "none":
-        return loss
-    raise ValueError(f"unknown reduction {reduction!r}")
+    return loss
 
 
 class TensorParallelLM(nn.Module):

@@ -11,7 +11,11 @@ AdamW): each element's update depends only on that element's gradient and state.
 
 Stage 1 expects gradients that are already averaged (wrap the model in DataParallel). Stage 2
 does the averaging itself: as each gradient becomes ready it is reduce-scattered, so each rank
-receives only the average of its own pieces, and the full gradient is freed.
+receives only the average of its own pieces, and the full gradient is freed. As in DataParallel,
+the reduce-scatters are launched in one fixed order (reverse parameter order) on every rank; a
+parameter without a gradient on this rank takes part with zeros when the step synchronises.
+Gradient accumulation: call `finish_gradient_synchronization()` after each backward (the reduced
+pieces add up); a second backward before it raises.
 """
 import math
 
@@ -19,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from dpo_lab.parallel.data_parallel import unique_trainable
+from dpo_lab.parallel.data_parallel import second_gradient_error, unique_trainable
 
 
 def shard_range(numel: int, rank: int, world_size: int) -> tuple[int, int, int]:
@@ -58,9 +62,33 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.inner = optimizer_cls(self.shards, **kwargs)
         self.bytes_sent = 0  # ring volume of this optimizer's collectives, per rank
         self.pending = []
+        self.order = list(reversed(range(len(params))))  # launch order, roughly backward's
+        self.position = {i: j for j, i in enumerate(self.order)}
+        self._reset_round()
         if stage == 2:
             for i, p in enumerate(params):
-                p.register_post_accumulate_grad_hook(lambda p, i=i: self._reduce_scatter(i, p))
+                p.register_post_accumulate_grad_hook(lambda p, i=i: self._grad_ready(i, p))
+
+    def _reset_round(self):
+        self.ready = [False] * len(self.order)
+        self.launched = 0  # self.order[:launched] are reduce-scattered this round
+
+    def _grad_ready(self, i: int, p: torch.Tensor) -> None:
+        if self.position[i] < self.launched:  # its gradient is already gone; this one is new
+            raise second_gradient_error(
+                f"#{i} (shape {tuple(p.shape)})", "With ZeRO-2, call finish_gradient_synchronization() "
+                "after each backward to accumulate gradients.")
+        self.ready[i] = True
+        while self.launched < len(self.order) and self.ready[self.order[self.launched]]:
+            self._launch_next()
+
+    def _launch_next(self) -> None:
+        i = self.order[self.launched]
+        self.launched += 1
+        p = self.param_groups[0]["params"][i]
+        if p.grad is None:  # unused on this rank: it still takes part, with zeros
+            p.grad = torch.zeros_like(p)
+        self._reduce_scatter(i, p)
 
     def _reduce_scatter(self, i: int, p: torch.Tensor) -> None:
         lo, hi, k = self.ranges[i]
@@ -71,14 +99,26 @@ class ShardedOptimizer(torch.optim.Optimizer):
         p.grad = None  # the full gradient is not kept: only our piece of it
 
     def finish_gradient_synchronization(self) -> None:
-        """Stage 2: wait for the reduce-scatters and hand each piece's gradient to the inner optimizer."""
-        for i, work, out, _ in self.pending:
-            work.wait()
+        """Stage 2: launch the reduce-scatters not launched yet (in order), wait for all of them
+        and hand each piece's gradient to the inner optimizer."""
+        if self.stage == 2:
+            while self.launched < len(self.order):
+                self._launch_next()
+        pending, self.pending = self.pending, []
+        self._reset_round()
+        error = None
+        for i, work, out, _ in pending:  # wait for every handle, even after one failed
+            try:
+                work.wait()
+            except Exception as e:
+                error = error or e
+                continue
             lo, hi, _ = self.ranges[i]
             g = out[:hi - lo]
             shard = self.shards[i]
             shard.grad = g if shard.grad is None else shard.grad + g
-        self.pending = []
+        if error is not None:
+            raise error
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -86,7 +126,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.stage == 1:
             for p, shard, (lo, hi, _) in zip(self.param_groups[0]["params"], self.shards, self.ranges):
                 shard.grad = None if p.grad is None else p.grad.view(-1)[lo:hi]
-        else:
+        elif self.pending or any(self.ready):  # a backward since the last synchronisation
+            # (a rank that may get no gradient at all must call finish_gradient_synchronization)
             self.finish_gradient_synchronization()
         for key, value in self.param_groups[0].items():  # lr schedulers edit our param_groups
             if key != "params":
