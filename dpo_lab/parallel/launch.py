@@ -5,7 +5,8 @@
 - Ranks are "spawn"ed processes, so `fn` must live in an importable module (not a notebook cell).
 - The backend is nccl with one GPU per rank when there are enough GPUs, else gloo; pass
   `backend=` or set DPO_LAB_BACKEND to override.
-- A free port is picked per launch, so launches never collide.
+- Rank 0 opens the rendezvous store on a port the OS picks and hands it to the others, so
+  launches never collide (picking a free port first and binding it later is a race).
 - If a rank raises, the others are stopped at once and RankFailed carries that rank's traceback.
   If a rank dies without reporting (os._exit, a signal, the OOM killer), RankFailed names it and its
   exit code or signal, even when its peers then fail with "connection reset by peer".
@@ -17,7 +18,6 @@ import os
 import pickle
 import queue
 import signal
-import socket
 import time
 import traceback
 import warnings
@@ -59,20 +59,34 @@ def rank_device() -> torch.device:
     return torch.device("cpu")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous(rank, world_size, port, pg_timeout) -> dist.TCPStore:
+    """Rank 0 binds port 0 (the OS picks a free one) and publishes it in the shared `port` value;
+    the others wait for it and connect."""
+    wait = timedelta(seconds=pg_timeout)
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=wait,
+                              wait_for_workers=False)  # publish the port first
+        with port.get_lock():
+            port.value = store.port
+    else:
+        deadline = time.monotonic() + pg_timeout
+        while port.value == 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank}: rank 0 opened no rendezvous store in {pg_timeout}s")
+            time.sleep(0.01)
+        store = dist.TCPStore("127.0.0.1", port.value, world_size, is_master=False, timeout=wait)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+    return store
 
 
 def _worker(fn, rank, world_size, port, backend, threads, pg_timeout, args, kwargs, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        store = _rendezvous(rank, world_size, port, pg_timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout),
                                 **({"device_id": torch.device("cuda", rank)} if backend == "nccl" else {}))
         out = fn(*args, **kwargs)
@@ -168,7 +182,7 @@ def launch(fn, world_size: int, args=(), kwargs=None, *, backend: str | None = N
         threads_per_rank = int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    port = ctx.Value("i", 0)  # rank 0 writes the store's port here
     # The process-group timeout is shorter than ours so a stuck collective raises inside the rank.
     pg_timeout = max(10, int(timeout * 0.9))
     procs = [ctx.Process(target=_worker, daemon=True, name=f"dpo-lab-rank{r}",
