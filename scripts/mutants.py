@@ -60,6 +60,7 @@ DP_UNUSED = DP_RANKS + "::test_parameter_used_on_some_ranks_only_matches_single_
 DP_ACCUM = DP_RANKS + "::test_gradient_accumulation_with_no_sync_matches_single_process_and_ddp"
 DP_TWICE = DP_RANKS + "::test_second_backward_before_the_sync_raises"
 CONFIG_CLI = T + "test_dpo_config.py::test_cli_names_the_bad_key_and_value_and_exits_2_before_any_rank"
+CONFIG_STRICT = T + "test_strict_config.py"  # every range and type rule at its boundary
 
 # the single-process MoE tests (the expert-parallel launches run only where a mutant needs them)
 MOE_UNIT = tuple(T + "test_expert.py::" + t for t in (
@@ -214,6 +215,8 @@ MUTANTS = [
     M("dp-unused-mask-local", DP, "dist.all_reduce(used, async_op=True)", "dist.all_reduce(used.clone(), async_op=True)",
       "find_unused_parameters: each rank decides from its own used-mask (the reduced copy is dropped)",
       DP_UNUSED),
+    M("dp-unused-grad-kept", DP, "                    p.grad = None\n", "                    pass\n",
+      "find_unused_parameters: a parameter no rank used keeps a zero gradient (AdamW decays it)", DP_UNUSED),
     # ---------------------------------------------------------------- parallel/zero
     M("zero-shard-floor", ZERO, "k = math.ceil(numel / world_size)", "k = numel // world_size",
       "ZeRO pieces rounded down: the tail of each parameter is never owned", T + "test_zero.py::test_shard_range_covers_every_element_once"),
@@ -366,6 +369,8 @@ MUTANTS = [
       "for n, raw in enumerate((r for r in f if r.strip()), 1):", "JSONL line numbers skip blank lines",
       T + "test_data_errors.py::test_malformed_line_names_file_and_line_counting_blank_lines",
       T + "test_data_errors.py::test_bad_row_after_blank_lines_gets_its_file_line"),
+    M("data-column-with-line-ending", DATA, ".rstrip(\"\\r\\n\")  # a BOM may open the file", "  # a BOM may open the file",
+      "a malformed JSONL line's column is counted with its line ending", T + "test_strict_data.py"),
     # ---------------------------------------------------------------- launcher
     M("launch-survivor-error-wins", LAUNCH,
       "                if dead := rep.silent_dead():\n                    raise rep.died(dead[0])\n"
@@ -382,24 +387,28 @@ MUTANTS = [
       T + "test_launch_failures.py::test_exit_0_without_a_report_is_an_error_not_a_timeout"),
     # ---------------------------------------------------------------- dpo/config
     M("config-lr-unchecked", CONFIG, "lr: Positive = 5e-4", "lr: Float = 5e-4", "train.lr=-1 accepted",
-      CONFIG_CLI, T + "test_dpo_config.py::test_assignment_is_checked_too"),
+      CONFIG_STRICT, CONFIG_CLI, T + "test_dpo_config.py::test_assignment_is_checked_too"),
     M("config-count-lax", CONFIG, "Count = Annotated[int, Strict(), Field(ge=1)]", "Count = Annotated[int, Field(ge=1)]",
-      "counts accept True, 2.0 and '2' (lax ints)", CONFIG_CLI),
+      "counts accept True, 2.0 and '2' (lax ints)", CONFIG_STRICT, CONFIG_CLI),
     M("config-float-accepts-bool", CONFIG, "    if isinstance(v, bool):  # pydantic", "    if False:  # pydantic",
-      "dpo.beta=true read as 1.0", CONFIG_CLI),
+      "dpo.beta=true read as 1.0", CONFIG_STRICT, CONFIG_CLI),
     M("config-warmup-inclusive", CONFIG, "warmup_ratio: Annotated[Float, Field(ge=0, lt=1)]",
       "warmup_ratio: Annotated[Float, Field(ge=0, le=1)]", "warmup_ratio = 1 accepted (no step after warm-up)",
-      CONFIG_CLI),
+      CONFIG_STRICT, CONFIG_CLI),
     M("config-smoothing-inclusive", CONFIG, "label_smoothing: Annotated[Float, Field(ge=0, lt=0.5)]",
       "label_smoothing: Annotated[Float, Field(ge=0, le=0.5)]", "label_smoothing = 0.5 accepted (robust DPO divides by 0)",
-      T + "test_dpo_config.py"),
+      CONFIG_STRICT, T + "test_dpo_config.py"),
     M("config-max-length-floor", CONFIG, "max_length: Annotated[int, Strict(), Field(ge=4)]",
       "max_length: Annotated[int, Strict(), Field(ge=1)]", "data.max_length below 4 accepted",
-      T + "test_dpo_config.py"),
+      CONFIG_STRICT, T + "test_dpo_config.py"),
     M("config-seed-negative", CONFIG, "seed: Annotated[int, Strict(), Field(ge=0)]",
-      "seed: Annotated[int, Strict()]", "train.seed=-1 accepted", T + "test_dpo_config.py"),
+      "seed: Annotated[int, Strict()]", "train.seed=-1 accepted", CONFIG_STRICT, T + "test_dpo_config.py"),
     M("config-dropout-inclusive", CONFIG, "dropout: Annotated[Float, Field(ge=0, lt=1)]",
-      "dropout: Annotated[Float, Field(ge=0, le=1)]", "lora.dropout = 1 accepted", T + "test_dpo_config.py"),
+      "dropout: Annotated[Float, Field(ge=0, le=1)]", "lora.dropout = 1 accepted", CONFIG_STRICT, T + "test_dpo_config.py"),
+    M("config-every-negative", CONFIG, "Every = Annotated[int, Strict(), Field(ge=0)]", "Every = Annotated[int, Strict()]",
+      "checkpoint.every=-1 and the like accepted", CONFIG_STRICT, T + "test_dpo_config.py"),
+    M("config-bool-lax", CONFIG, "Bool = Annotated[bool, Strict()]", "Bool = bool",
+      "booleans accept 1 and 'true' (lax)", CONFIG_STRICT, CONFIG_CLI),
     # ---------------------------------------------------------------- demos, models
     M("time-all-reduce-local-stop", DEMOS, "spent = _max_over_ranks(sum(times), dev)", "spent = sum(times)",
       "time_all_reduce: each rank stops repeating on its own clock (deadlock with a slow rank)",
