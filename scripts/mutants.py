@@ -52,6 +52,15 @@ FSDP, TP, SP = "dpo_lab/parallel/fsdp.py", "dpo_lab/parallel/tensor.py", "dpo_la
 PP, SCHED, EP = "dpo_lab/parallel/pipeline.py", "dpo_lab/parallel/schedules.py", "dpo_lab/parallel/expert.py"
 MESH, COST = "dpo_lab/parallel/mesh.py", "dpo_lab/parallel/cost.py"
 TASK, DATA = "dpo_lab/task.py", "dpo_lab/data.py"
+LAUNCH, DEMOS = "dpo_lab/parallel/launch.py", "dpo_lab/parallel/demos.py"
+CONFIG, MODELS = "dpo_lab/dpo/config.py", "dpo_lab/models.py"
+
+DP_RANKS = T + "test_dp_correctness.py"  # ranks that differ: unused parameters, no_sync, a 2nd backward
+DP_UNUSED = DP_RANKS + "::test_parameter_used_on_some_ranks_only_matches_single_process_and_ddp"
+DP_ACCUM = DP_RANKS + "::test_gradient_accumulation_with_no_sync_matches_single_process_and_ddp"
+DP_TWICE = DP_RANKS + "::test_second_backward_before_the_sync_raises"
+CONFIG_CLI = T + "test_dpo_config.py::test_cli_names_the_bad_key_and_value_and_exits_2_before_any_rank"
+CONFIG_STRICT = T + "test_strict_config.py"  # every range and type rule at its boundary
 
 # the single-process MoE tests (the expert-parallel launches run only where a mutant needs them)
 MOE_UNIT = tuple(T + "test_expert.py::" + t for t in (
@@ -173,8 +182,41 @@ MUTANTS = [
     M("dp-bucket-limit-inclusive", DP, "size + p.numel() * p.element_size() > limit",
       "size + p.numel() * p.element_size() >= limit", "a bucket that would be exactly full is split",
       T + "test_strict_data_parallel.py"),
-    M("dp-bytes-one-way", DP, "self.bytes_sent += 2 * (self.world_size - 1)", "self.bytes_sent += (self.world_size - 1)",
+    M("dp-bytes-one-way", DP, "self.bytes_sent += 2 * (self.world_size - 1) * grad.numel()",
+      "self.bytes_sent += (self.world_size - 1) * grad.numel()",
       "all-reduce volume counted as one pass", T + "test_data_parallel.py::test_dp_equals_single_and_ddp_with_and_without_buckets"),
+    M("dp-unused-bucket-skipped", DP, "        bucket = self.buckets[i]\n        for p in bucket:",
+      "        bucket = self.buckets[i]\n        if all(p.grad is None for p in bucket):\n            return\n        for p in bucket:",
+      "a bucket with no gradient on this rank is not all-reduced there (no zeros): collectives mismatch",
+      DP_UNUSED),
+    M("dp-bucket-order-by-readiness", DP,
+      "        self.ready[i] += 1\n"
+      "        while self.next_bucket < len(self.buckets) and \\\n"
+      "                self.ready[self.next_bucket] == len(self.buckets[self.next_bucket]):\n"
+      "            self._launch(self.next_bucket)\n\n"
+      "    def _launch(self, i: int) -> None:\n"
+      "        assert i == self.next_bucket, (i, self.next_bucket)  # one order on every rank\n"
+      "        self.next_bucket += 1\n",
+      "        self.ready[i] += 1\n"
+      "        if self.ready[i] == len(self.buckets[i]):  # launched as soon as it is full\n"
+      "            self._launch(i)\n\n"
+      "    def _launch(self, i: int) -> None:\n"
+      "        if i == self.next_bucket:\n"
+      "            self.next_bucket += 1\n"
+      "        if any(j == i for j, _, _ in self.pending):\n"
+      "            return\n",
+      "buckets launched in the order they become ready on this rank, not in one order everywhere",
+      DP_UNUSED),
+    M("dp-no-sync-ignored", DP, "before, self.require_sync = self.require_sync, False",
+      "before = self.require_sync", "no_sync() communicates anyway", DP_ACCUM),
+    M("dp-second-backward-unchecked", DP, "if i < self.next_bucket:  # its all-reduce is in flight",
+      "if False:  # its all-reduce is in flight", "a second backward before the sync adds into a gradient being reduced",
+      DP_TWICE),
+    M("dp-unused-mask-local", DP, "dist.all_reduce(used, async_op=True)", "dist.all_reduce(used.clone(), async_op=True)",
+      "find_unused_parameters: each rank decides from its own used-mask (the reduced copy is dropped)",
+      DP_UNUSED),
+    M("dp-unused-grad-kept", DP, "                    p.grad = None\n", "                    pass\n",
+      "find_unused_parameters: a parameter no rank used keeps a zero gradient (AdamW decays it)", DP_UNUSED),
     # ---------------------------------------------------------------- parallel/zero
     M("zero-shard-floor", ZERO, "k = math.ceil(numel / world_size)", "k = numel // world_size",
       "ZeRO pieces rounded down: the tail of each parameter is never owned", T + "test_zero.py::test_shard_range_covers_every_element_once"),
@@ -184,6 +226,18 @@ MUTANTS = [
     M("zero2-grad-accum-overwrites", ZERO, "shard.grad = g if shard.grad is None else shard.grad + g",
       "shard.grad = g", "ZeRO-2 drops the gradient of earlier micro-batches (accumulation)",
       T + "test_strict_zero.py"),
+    M("zero2-unused-skipped", ZERO, "        if p.grad is None:  # unused on this rank: it still takes part, with zeros\n"
+      "            p.grad = torch.zeros_like(p)\n",
+      "        if p.grad is None:  # unused on this rank: it still takes part, with zeros\n            return\n",
+      "ZeRO-2: a parameter without a gradient on this rank is not reduce-scattered there", DP_UNUSED),
+    M("zero2-order-by-readiness", ZERO,
+      "        self.ready[i] = True\n        while self.launched < len(self.order) and self.ready[self.order[self.launched]]:\n"
+      "            self._launch_next()\n",
+      "        self.ready[i] = True\n        self.order.remove(i)\n        self.order.insert(self.launched, i)\n"
+      "        self.position = {i: j for j, i in enumerate(self.order)}\n        self._launch_next()\n",
+      "ZeRO-2: reduce-scatters launched in the order gradients become ready on this rank", DP_UNUSED),
+    M("zero2-second-backward-unchecked", ZERO, "if self.position[i] < self.launched:", "if False:",
+      "ZeRO-2: a second backward before the sync is silently lost", DP_TWICE),
     # ---------------------------------------------------------------- parallel/fsdp
     M("fsdp-no-average", FSDP, "grad = grad.div_(n).contiguous()", "grad = grad.contiguous()",
       "FSDP reduce-scatter sums instead of averaging", T + "test_fsdp.py::test_fsdp_with_tied_and_frozen_parameters"),
@@ -205,6 +259,21 @@ MUTANTS = [
     M("vocab-ce-grad-unmasked", TP, "-inside[..., None].to(g.dtype)", "-torch.ones_like(g[..., :1])",
       "every rank subtracts the one-hot, not only the owner of the target",
       T + "test_tensor_parallel.py::test_vocab_parallel_embedding_and_cross_entropy_equal_torch"),
+    M("vocab-ce-mean-counts-ignored", TP, "return loss.sum() / (target != ignore_index).sum()",
+      "return loss.sum() / target.numel()", "vocab CE mean divides by every row, ignored ones included",
+      T + "test_vocab_parallel_ce.py::test_equals_torch_cross_entropy_with_ignore_index"),
+    M("vocab-ce-ignored-grad", TP, "        grad = grad.masked_fill(ignored, 0.0)\n", "",
+      "vocab CE: ignored rows still get a softmax gradient",
+      T + "test_vocab_parallel_ce.py::test_equals_torch_cross_entropy_with_ignore_index"),
+    M("vocab-ce-ignore-index-fixed", TP, "ignored = target == ignore_index", "ignored = target == -100",
+      "vocab CE: ignore_index other than -100 not honoured",
+      T + "test_vocab_parallel_ce.py::test_equals_torch_cross_entropy_with_ignore_index"),
+    M("vocab-ce-range-check-local", TP, "        if zmax[-1] > 0:\n", "        if bad.any():\n",
+      "vocab CE: an out-of-range target raises only on the rank that holds it; the others wait",
+      T + "test_vocab_parallel_ce.py::test_out_of_range_targets_raise_on_every_rank"),
+    M("vocab-ce-range-upper-inclusive", TP, "bad = ~ignored & ((target < 0) | (target >= vocab))",
+      "bad = ~ignored & ((target < 0) | (target > vocab))", "vocab CE: target == V accepted",
+      T + "test_vocab_parallel_ce.py::test_out_of_range_targets_raise_on_every_rank"),
     M("tp-f-backward-no-reduce", TP, "        return _all_reduce(grad, ctx.group, \"backward\"), None",
       "        return grad, None", "f does not all-reduce the input gradient",
       T + "test_tensor_parallel.py::test_parallel_block_equals_unsplit_forward_and_gradients"),
@@ -229,6 +298,9 @@ MUTANTS = [
       "    if problem:\n        raise ValueError(problem)\n    found = [None] * dist.get_world_size()\n",
       "the micro-batch check raises only where it sees the problem; the other ranks wait",
       T + "test_edges.py::test_pipeline_with_bad_microbatches_raises_on_every_rank"),
+    M("pp-replayed-wall-clock", PP, "return bubble_fraction(simulate(executed_order(events, p), t_f, t_b))",
+      "return bubble_from_events(events, p)", "the replayed bubble is the wall-clock one (depends on load)",
+      T + "test_pipeline.py::test_replayed_bubble_is_the_formula_whatever_the_wall_clock"),
     M("1f1b-warmup-off-by-one", SCHED, "warmup = min(p - r - 1, m)", "warmup = min(p - r, m)",
       "1F1B: one warm-up forward too many", T + "test_schedules.py"),
     M("interleaved-warmup-off-by-one", SCHED, "warmup = min((p - r - 1) * 2 + (v - 1) * p, total)",
@@ -289,6 +361,62 @@ MUTANTS = [
       "a whitespace-only completion passes as non-empty", T + "test_data.py::test_each_bad_row_gets_its_own_named_error"),
     M("data-max-length-inclusive", DATA, "if longest > max_length:", "if longest >= max_length:",
       "a row of exactly max_length is refused", T + "test_data.py::test_max_length_counts_tokens_when_a_tokenizer_is_given"),
+    M("data-bom-rejected-jsonl", DATA, "\"utf-8-sig\" if n == 1 else \"utf-8\"", "\"utf-8\"",
+      "a JSONL file that opens with a UTF-8 BOM is refused", T + "test_data_errors.py::test_a_utf8_byte_order_mark_is_accepted"),
+    M("data-bom-rejected-json", DATA, "text = raw.decode(\"utf-8-sig\")", "text = raw.decode(\"utf-8\")",
+      "a .json file that opens with a UTF-8 BOM is refused", T + "test_data_errors.py::test_a_utf8_byte_order_mark_is_accepted"),
+    M("data-blank-lines-uncounted", DATA, "for n, raw in enumerate(f, 1):",
+      "for n, raw in enumerate((r for r in f if r.strip()), 1):", "JSONL line numbers skip blank lines",
+      T + "test_data_errors.py::test_malformed_line_names_file_and_line_counting_blank_lines",
+      T + "test_data_errors.py::test_bad_row_after_blank_lines_gets_its_file_line"),
+    M("data-column-with-line-ending", DATA, ".rstrip(\"\\r\\n\")  # a BOM may open the file", "  # a BOM may open the file",
+      "a malformed JSONL line's column is counted with its line ending", T + "test_strict_data.py"),
+    # ---------------------------------------------------------------- launcher
+    M("launch-survivor-error-wins", LAUNCH,
+      "                if dead := rep.silent_dead():\n                    raise rep.died(dead[0])\n"
+      "                rank = next(iter(rep.errors))",
+      "                rank = next(iter(rep.errors))",
+      "a survivor's 'connection reset' is reported instead of the rank that died",
+      T + "test_launch_failures.py::test_the_dead_rank_is_named_even_when_its_peers_errors_arrive_first"),
+    M("launch-no-death-grace", LAUNCH, "DEATH_GRACE_S = 3.0", "DEATH_GRACE_S = 0.0",
+      "no wait for a dead rank after a survivor's error",
+      T + "test_launch_failures.py::test_the_dead_rank_is_named_even_when_its_peers_errors_arrive_first"),
+    M("launch-exit-0-unnoticed", LAUNCH, "if p.exitcode is not None and r not in self.ok",
+      "if p.exitcode not in (None, 0) and r not in self.ok",
+      "a rank that exits 0 without a report is only noticed at the timeout",
+      T + "test_launch_failures.py::test_exit_0_without_a_report_is_an_error_not_a_timeout"),
+    # ---------------------------------------------------------------- dpo/config
+    M("config-lr-unchecked", CONFIG, "lr: Positive = 5e-4", "lr: Float = 5e-4", "train.lr=-1 accepted",
+      CONFIG_STRICT, CONFIG_CLI, T + "test_dpo_config.py::test_assignment_is_checked_too"),
+    M("config-count-lax", CONFIG, "Count = Annotated[int, Strict(), Field(ge=1)]", "Count = Annotated[int, Field(ge=1)]",
+      "counts accept True, 2.0 and '2' (lax ints)", CONFIG_STRICT, CONFIG_CLI),
+    M("config-float-accepts-bool", CONFIG, "    if isinstance(v, bool):  # pydantic", "    if False:  # pydantic",
+      "dpo.beta=true read as 1.0", CONFIG_STRICT, CONFIG_CLI),
+    M("config-warmup-inclusive", CONFIG, "warmup_ratio: Annotated[Float, Field(ge=0, lt=1)]",
+      "warmup_ratio: Annotated[Float, Field(ge=0, le=1)]", "warmup_ratio = 1 accepted (no step after warm-up)",
+      CONFIG_STRICT, CONFIG_CLI),
+    M("config-smoothing-inclusive", CONFIG, "label_smoothing: Annotated[Float, Field(ge=0, lt=0.5)]",
+      "label_smoothing: Annotated[Float, Field(ge=0, le=0.5)]", "label_smoothing = 0.5 accepted (robust DPO divides by 0)",
+      CONFIG_STRICT, T + "test_dpo_config.py"),
+    M("config-max-length-floor", CONFIG, "max_length: Annotated[int, Strict(), Field(ge=4)]",
+      "max_length: Annotated[int, Strict(), Field(ge=1)]", "data.max_length below 4 accepted",
+      CONFIG_STRICT, T + "test_dpo_config.py"),
+    M("config-seed-negative", CONFIG, "seed: Annotated[int, Strict(), Field(ge=0)]",
+      "seed: Annotated[int, Strict()]", "train.seed=-1 accepted", CONFIG_STRICT, T + "test_dpo_config.py"),
+    M("config-dropout-inclusive", CONFIG, "dropout: Annotated[Float, Field(ge=0, lt=1)]",
+      "dropout: Annotated[Float, Field(ge=0, le=1)]", "lora.dropout = 1 accepted", CONFIG_STRICT, T + "test_dpo_config.py"),
+    M("config-every-negative", CONFIG, "Every = Annotated[int, Strict(), Field(ge=0)]", "Every = Annotated[int, Strict()]",
+      "checkpoint.every=-1 and the like accepted", CONFIG_STRICT, T + "test_dpo_config.py"),
+    M("config-bool-lax", CONFIG, "Bool = Annotated[bool, Strict()]", "Bool = bool",
+      "booleans accept 1 and 'true' (lax)", CONFIG_STRICT, CONFIG_CLI),
+    # ---------------------------------------------------------------- demos, models
+    M("time-all-reduce-local-stop", DEMOS, "spent = _max_over_ranks(sum(times), dev)", "spent = sum(times)",
+      "time_all_reduce: each rank stops repeating on its own clock (deadlock with a slow rank)",
+      T + "test_collective_loops.py::test_one_slow_rank_all_ranks_repeat_the_same_number_of_times"),
+    M("load-model-kernel-unpinned", MODELS,
+      "        one_kernel_path(model)  # policy and reference must run the same 4-bit kernel\n",
+      "        pass\n", "load_model leaves bitsandbytes free to switch 4-bit layers to the bf16 CPU kernel",
+      T + "test_kernel_path.py::test_every_loader_pins_the_kernel_even_where_the_cpu_offers_the_bf16_one"),
 ]
 
 
@@ -361,10 +489,10 @@ def main(argv=None) -> int:
         for m in chosen:
             print(f"{m.name:34s} {m.file:34s} {m.why}")
         return 0
-    for m in chosen:  # a stale snippet is an error before anything runs
-        text = (REPO / m.file).read_text()
-        if text.count(m.old) != 1:
-            raise SystemExit(f"mutant {m.name}: snippet occurs {text.count(m.old)} times in {m.file}")
+    stale = [f"mutant {m.name}: snippet occurs {n} times in {m.file}" for m in chosen  # an error before
+             for n in [(REPO / m.file).read_text().count(m.old)] if n != 1]       # anything runs, all named
+    if stale:
+        raise SystemExit("\n".join(stale))
     if args.check:
         print(f"{len(chosen)} mutants, every snippet found once")
         return 0

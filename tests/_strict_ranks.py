@@ -33,8 +33,8 @@ def _dp_buckets() -> list:
 
 
 def _accumulation_err(kind: str) -> float:
-    """Two micro-batches per rank, backward after each, one SGD step: the parameters must equal
-    one step on the global batch, i.e. the gradients of both micro-batches add up."""
+    """Two micro-batches per rank, a backward for each (ZeRO-2: and a sync), one SGD step: the
+    parameters must equal one step on the global batch, i.e. both micro-batches' gradients add up."""
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     x = torch.randn(WORLD, 2, 5, 4)  # (rank, micro-batch, rows, features), the same on every rank
@@ -51,6 +51,8 @@ def _accumulation_err(kind: str) -> float:
     rank = dist.get_rank()
     for mb in range(2):
         F.mse_loss(wrapped(x[rank, mb]), y[rank, mb]).backward()
+        if kind == "zero2":  # ZeRO-2 accumulates the reduced pieces: one sync per backward
+            opt.finish_gradient_synchronization()
     if kind == "fsdp":
         wrapped.finish_gradient_synchronization()
     opt.step()
