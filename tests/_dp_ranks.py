@@ -194,16 +194,16 @@ def vocab_ce_bad_targets() -> list:
 
 # --- clean exit: ranks started by a harness of our own, not by dpo_lab.parallel.launch ------------
 
-def clean_exit_rank(rank: int, world_size: int, port: int) -> None:
+def clean_exit_rank(rank: int, world_size: int, init_file: str) -> None:
     """Train tied-weight and rank-dependent models through every wrapper, destroy the group, exit.
     Any collective left in flight or mismatched shows up as a non-zero exit code (-6: SIGABRT)."""
-    import os
     from datetime import timedelta
 
     from dpo_lab.parallel.dp_training import train_strategies
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    # A file rendezvous: no port to race for with other jobs on a busy machine.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=60))
     train_strategies(("dp", "dp_bucketed", "zero1", "zero2"), steps=2, batch=4, seq=8, tied=True)
     branchy_train([("dp_bucketed", [[True, False], [False, True]]), ("zero2", [[False, True]])])
     dist.destroy_process_group()
@@ -212,12 +212,16 @@ def clean_exit_rank(rank: int, world_size: int, port: int) -> None:
 def clean_exit_main(runs: int, world_size: int = 2) -> None:
     """Start `runs` jobs of `world_size` spawned ranks one after another; print each exit code."""
     import multiprocessing as mp
+    import shutil
+    import tempfile
+    from pathlib import Path
 
-    from dpo_lab.parallel.launch import free_port
     ctx = mp.get_context("spawn")
     for _ in range(runs):
-        procs = [ctx.Process(target=clean_exit_rank, args=(r, world_size, port))
-                 for port in [free_port()] for r in range(world_size)]
+        tmp = tempfile.mkdtemp(prefix="dpo-lab-clean-exit-")
+        init_file = str(Path(tmp) / "rendezvous")  # must not exist yet
+        procs = [ctx.Process(target=clean_exit_rank, args=(r, world_size, init_file))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         for p in procs:
@@ -225,6 +229,7 @@ def clean_exit_main(runs: int, world_size: int = 2) -> None:
             if p.is_alive():  # a hang guard only
                 p.kill()
                 p.join()
+        shutil.rmtree(tmp, ignore_errors=True)
         print("exitcodes", *[p.exitcode for p in procs], flush=True)
 
 
