@@ -148,7 +148,7 @@ class DataParallel(nn.Module):
             self._launch(self.next_bucket)
         used = None
         if self.find_unused_parameters:  # after every bucket, so it is the last collective everywhere
-            used = torch.tensor(self.used, dtype=torch.float32, 
+            used = torch.tensor(self.used, dtype=torch.float32,
                                 device=self.params[0].device if self.params else None)
             self.bytes_sent += 2 * (self.world_size - 1) * used.numel() * used.element_size() // self.world_size
             self.pending.append((None, dist.all_reduce(used, async_op=True), None))
