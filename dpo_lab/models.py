@@ -9,8 +9,15 @@ a Hugging Face model name (for users with internet).
 import hashlib
 import json
 import math
+import os
+import shutil
 import string
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import torch
 from tokenizers import Tokenizer, decoders, models
@@ -139,21 +146,30 @@ def sft_model_dir(steps: int | None = None, progress: bool = True, **overrides) 
     out = cache_dir() / "models" / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (out / "sft_log.json").exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        # One process trains, the others (pytest workers, notebooks run side by side) wait for it.
+        if fcntl is not None:  # POSIX; elsewhere two first runs may both train, harmlessly
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "sft_log.json").exists():
+            return out
+        return _train_sft_into(out, settings, data_file, progress)
+
+
+def _train_sft_into(out: Path, settings: dict, data_file: Path, progress: bool) -> Path:
     tokenizer = build_tokenizer()
     model = build_tiny_model(settings["arch"], seed=settings["seed"])
     torch.manual_seed(settings["seed"])
     losses = train_sft(model, tokenizer, task.read_jsonl(data_file), settings["steps"],
                        settings["batch_size"], settings["lr"], settings["warmup"], settings["seed"],
                        settings["weight_decay"], progress)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "sft_log.json").write_text(json.dumps({"settings": settings, "losses": losses}))
-    if out.exists():  # another process finished first; keep theirs
-        import shutil
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(out)  # atomic: a half-written model is never picked up
+    if out.exists():  # left by a run killed before it wrote sft_log.json
+        shutil.rmtree(out)
+    tmp.rename(out)  # atomic: a half-written model is never picked up
     return out
 
 

@@ -44,7 +44,9 @@ def silent_exit_on_rank(bad_rank):
 def abort_at_exit_on_rank(bad_rank):
     """Returns normally, then aborts while the process exits (as a C++ `terminate called
     without an active exception` does)."""
-    import atexit
+    # multiprocessing runs its exit finalizers after the target returns, under spawn and forkserver
+    # alike (a forkserver child leaves with os._exit, so atexit would never run).
+    from multiprocessing import util
     if dist.get_rank() == bad_rank:
-        atexit.register(os.abort)
+        util.Finalize(None, os.abort, exitpriority=0)
     return dist.get_rank()

@@ -154,6 +154,6 @@ def test_step_1_is_exact_on_a_simulated_cpu_without_avx512bf16():
                            env=env, capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "False", probe.stderr
     test = f"{__file__}::test_reference_forward_equals_policy_forward_bitwise_at_step_1"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", test],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
