@@ -1,4 +1,4 @@
-"""The `dpo-lab` command: list, run and benchmark the workbook, and train."""
+"""The `dpo-lab` command: list, run and benchmark the workbook, write its student versions, and train."""
 import argparse
 import ast
 import sys
@@ -28,10 +28,20 @@ def cmd_list(args) -> int:
 def cmd_run(args) -> int:
     from tqdm.auto import tqdm
 
+    from pathlib import Path
+
     from dpo_lab.workbook import NotebookFailed, list_notebooks, notebook_path, run_notebook
-    names = args.names or list_notebooks()
-    for n in names:
-        notebook_path(n)  # fail before running anything if a name is wrong
+    source = Path(args.source) if args.source else None
+    if source is None:
+        names = args.names or list_notebooks()
+        for n in names:
+            notebook_path(n)  # fail before running anything if a name is wrong
+    else:
+        names = args.names or sorted(p.stem for p in source.glob("[0-9][0-9]_*.ipynb"))
+        missing = [n for n in names if not (source / f"{n}.ipynb").exists()]
+        if missing or not names:
+            print(f"error: no notebook {', '.join(missing) or '[0-9][0-9]_*'}.ipynb in {source}", file=sys.stderr)
+            return 2
     out = build_dir(args.out)
     params = dict(args.param or [])
     results, failed = {}, None
@@ -39,7 +49,8 @@ def cmd_run(args) -> int:
     for name in bar:
         bar.set_postfix_str(name)
         try:
-            results[name] = run_notebook(name, args.profile, out, params, cell_timeout=args.cell_timeout)
+            results[name] = run_notebook(name, args.profile, out, params, cell_timeout=args.cell_timeout,
+                                         source_dir=source)
         except NotebookFailed as e:
             failed = e
             break
@@ -69,6 +80,42 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_student(args) -> int:
+    from dpo_lab.exercises.student import MarkerError, write_student_versions
+    from dpo_lab.workbook import list_notebooks, notebook_path
+    names = args.names or list_notebooks()
+    try:
+        for n in names:
+            notebook_path(n)
+        paths = write_student_versions(names, args.out)
+    except (FileNotFoundError, MarkerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    print(f"run them: dpo-lab run --from {args.out}   (every check says 'not implemented yet')")
+    return 0
+
+
+def cmd_exercises(args) -> int:
+    import json
+
+    from dpo_lab.exercises.catalog import catalog
+    from dpo_lab.figures import write_figures
+    cat = catalog()
+    path = write_figures("exercises", cat["figures"], args.out)
+    if args.json:
+        print(json.dumps(cat["figures"], indent=2, sort_keys=True))
+        return 0
+    for ex in cat["exercises"]:
+        wrong = f"{ex['wrong_solution_tests']} wrong-solution test(s)" if ex["wrong_solution_tests"] else "no wrong-solution test"
+        print(f"{ex['id']:6s} {ex['notebook']:28s} {ex['title']:44s} {wrong}")
+    f = cat["figures"]
+    print(f"\n{f['exercises_total']} exercises, {f['exercises_with_wrong_solution_tests']} with "
+          f"wrong-solution tests; written to {path}")
+    return 0
+
+
 def cmd_train(args, rest) -> int:
     if args.kind != "dpo":
         print(f"unknown training kind {args.kind!r}; have: dpo", file=sys.stderr)
@@ -88,6 +135,14 @@ def main(argv=None) -> int:
     r.add_argument("-p", "--param", action="append", type=_parse_param, metavar="KEY=VALUE",
                    help="override a notebook parameter (repeatable)")
     r.add_argument("--cell-timeout", type=int, default=900, help="seconds per cell")
+    r.add_argument("--from", dest="source", default=None, metavar="DIR",
+                   help="run the notebooks in DIR instead (e.g. the student versions)")
+    st = sub.add_parser("student", help="write the student versions (solutions replaced by stubs)")
+    st.add_argument("names", nargs="*", metavar="NAME")
+    st.add_argument("--out", default="build/student", help="where to write them (default: build/student)")
+    ex = sub.add_parser("exercises", help="list the graded exercises; write build/metrics/exercises.json")
+    ex.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ex.add_argument("--out", default=None, help="output root (default: build/)")
     b = sub.add_parser("bench", help="run a benchmark: variants side by side, with ratios")
     b.add_argument("name", nargs="?")
     b.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
@@ -100,7 +155,8 @@ def main(argv=None) -> int:
     if rest:
         p.error(f"unrecognised arguments: {' '.join(rest)}")
     t0 = time.perf_counter()
-    code = {"list": cmd_list, "run": cmd_run, "bench": cmd_bench}[args.cmd](args)
+    code = {"list": cmd_list, "run": cmd_run, "bench": cmd_bench, "student": cmd_student,
+            "exercises": cmd_exercises}[args.cmd](args)
     if args.cmd == "run":
         print(f"total {time.perf_counter() - t0:.1f} s")
     return code

@@ -75,12 +75,21 @@ def _failed_cell_index(path: Path):
 
 
 def run_notebook(name: str, profile: str = "smoke", output_dir=None, parameters: dict | None = None,
-                 cell_timeout: int = DEFAULT_CELL_TIMEOUT, log_output: bool = False) -> dict:
-    """Execute one notebook headlessly; return {'seconds', 'notebook', 'figures'} or raise NotebookFailed."""
+                 cell_timeout: int = DEFAULT_CELL_TIMEOUT, log_output: bool = False,
+                 source_dir=None) -> dict:
+    """Execute one notebook headlessly; return {'seconds', 'notebook', 'figures'} or raise NotebookFailed.
+
+    `source_dir`: run `<source_dir>/<name>.ipynb` instead of the workbook's own (e.g. the student
+    versions that `dpo-lab student` writes); it still runs in notebooks/, so its links resolve."""
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError
 
-    src = notebook_path(name)
+    if source_dir is None:
+        src = notebook_path(name)
+    else:
+        src = Path(source_dir) / f"{name}.ipynb"
+        if not src.exists():
+            raise FileNotFoundError(f"no notebook {src}")
     out = build_dir(output_dir)
     executed = out / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)

@@ -41,3 +41,7 @@ def time_all_reduce_one_slow_rank(slow_rank, delay_s, sizes, variants, repeat, b
     demos.VARIANTS = {name: slowed(name, fn) for name, fn in demos.VARIANTS.items()}
     times = demos.time_all_reduce(sizes, variants, repeat=repeat, warmup=1, budget_s=budget_s)
     return dist.get_rank(), calls, times
+
+
+def call_with_rank(f):
+    return f(dist.get_rank())

@@ -23,3 +23,23 @@ def run_nb():
             done[name] = run_notebook(name, "smoke", NOTEBOOK_OUT)
         return done[name]
     return _run
+
+
+STUDENT_OUT = build_dir() / "test-student"
+
+
+@pytest.fixture(scope="session")
+def run_student_nb():
+    """run_student_nb(name) writes the notebook's student version (solutions replaced by stubs),
+    executes it (smoke profile) and returns its figures; outputs stay in build/test-student/."""
+    from dpo_lab.exercises.student import write_student_versions
+    from dpo_lab.workbook import run_notebook
+    done = {}
+
+    def _run(name):
+        if name not in done:
+            write_student_versions([name], STUDENT_OUT / "src")
+            done[name] = run_notebook(name, "smoke", STUDENT_OUT, source_dir=STUDENT_OUT / "src")["figures"]
+        return done[name]
+    return _run
+

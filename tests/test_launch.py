@@ -71,3 +71,22 @@ def test_two_launches_at_once_pick_different_ports():
 def test_bad_world_size_is_rejected():
     with pytest.raises(ValueError, match="world_size"):
         launch(_ranks.hang, 0)
+
+
+def test_functions_defined_in_a_notebook_cell_run_on_the_ranks():
+    """A notebook cell's function lives in __main__, which the ranks cannot import; lambdas and
+    closures cannot be pickled by reference at all. The launcher sends all three by value."""
+    cell = {"__name__": "__main__"}
+    exec("import torch.distributed as dist\n"
+         "def rank_times(k):\n"
+         "    return dist.get_rank() * k\n", cell)
+    assert cell["rank_times"].__module__ == "__main__"
+    assert launch(cell["rank_times"], 2, args=(7,), timeout=60) == [0, 7]
+    offset = 100
+
+    def closure():
+        import torch.distributed as dist
+        return dist.get_rank() + offset
+    assert launch(closure, 2, timeout=60) == [100, 101]
+    # a student's function passed as an argument to a rank function of an importable module
+    assert launch(_ranks.call_with_rank, 2, args=(lambda r: r * r + 1,), timeout=60) == [1, 2]

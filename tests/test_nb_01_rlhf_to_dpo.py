@@ -2,6 +2,8 @@ import math
 
 import pytest
 
+from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
+
 pytestmark = pytest.mark.notebook
 
 
@@ -37,3 +39,11 @@ def test_worked_example(figures):
 
 def test_averaging_is_summing_at_beta_over_length(figures):
     assert figures["mean_logps_equals_sum_at_beta_over_L_max_abs_diff"] < 1e-5
+
+
+def test_every_exercise_passes(figures):
+    assert_every_check_passes(figures)
+
+
+def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
+    assert_every_check_says_not_implemented_yet(run_student_nb("01_rlhf_to_dpo"))

@@ -4,8 +4,10 @@
 
 - Ranks are fresh processes forked from a "forkserver" that has already imported torch (each rank
   starts about 1.5 s sooner than a "spawn"ed one; spawn where there is no forkserver, as on
-  Windows). Either way `fn` must live in an importable module (not a notebook cell), and each rank
-  gets the caller's environment as it is at the call.
+  Windows). Each rank gets the caller's environment as it is at the call.
+- `fn`, `args` and `kwargs` travel with cloudpickle: a function defined in a notebook cell (or a
+  lambda, or a closure) is sent by value and runs on the ranks as it is; functions of importable
+  modules are sent by reference and imported there, as plain pickle would.
 - The backend is nccl with one GPU per rank when there are enough GPUs, else gloo; pass
   `backend=` or set DPO_LAB_BACKEND to override.
 - Rank 0 opens the rendezvous store on a port the OS picks and hands it to the others, so
@@ -26,6 +28,7 @@ import traceback
 import warnings
 from datetime import timedelta
 
+import cloudpickle
 import torch
 import torch.distributed as dist
 
@@ -42,7 +45,7 @@ class RankFailed(RuntimeError):
 
 class RankTimeout(TimeoutError):
     def __init__(self, timeout: float, pending: list[int]):
-        self.pending = pending
+        self.timeout, self.pending = timeout, pending
         super().__init__(f"timed out after {timeout:.0f}s; ranks still running: {pending}")
 
 
@@ -90,7 +93,7 @@ def _context():
     return mp.get_context("spawn")
 
 
-def _worker(fn, rank, world_size, port, backend, threads, pg_timeout, env, args, kwargs, results):
+def _worker(payload, rank, world_size, port, backend, threads, pg_timeout, env, results):
     # A forkserver child inherits the server's environment, not the caller's: restore the caller's.
     os.environ.clear()
     os.environ.update(env)
@@ -103,6 +106,7 @@ def _worker(fn, rank, world_size, port, backend, threads, pg_timeout, env, args,
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout),
                                 **({"device_id": torch.device("cuda", rank)} if backend == "nccl" else {}))
+        fn, args, kwargs = pickle.loads(payload)
         out = fn(*args, **kwargs)
         # Plain pickle (not torch's shared-memory reducer): the bytes outlive this process.
         results.put((rank, "ok", pickle.dumps(out)))
@@ -199,9 +203,11 @@ def launch(fn, world_size: int, args=(), kwargs=None, *, backend: str | None = N
     port = ctx.Value("i", 0)  # rank 0 writes the store's port here
     # The process-group timeout is shorter than ours so a stuck collective raises inside the rank.
     pg_timeout = max(10, int(timeout * 0.9))
+    # cloudpickle sends what the ranks could not import (a notebook cell's function) by value.
+    payload = cloudpickle.dumps((fn, tuple(args), dict(kwargs or {})))
     procs = [ctx.Process(target=_worker, daemon=True, name=f"dpo-lab-rank{r}",
-                         args=(fn, r, world_size, port, backend, threads_per_rank, pg_timeout,
-                               dict(os.environ), tuple(args), dict(kwargs or {}), results))
+                         args=(payload, r, world_size, port, backend, threads_per_rank, pg_timeout,
+                               dict(os.environ), results))
              for r in range(world_size)]
     for p in procs:
         p.start()

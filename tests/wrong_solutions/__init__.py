@@ -1,0 +1,14 @@
+"""Realistic wrong solutions, each fed to its exercise's check by tests/test_exercises.py.
+
+One module per notebook. Each mistake is a function decorated `@wrong("NN.k", "diagnosis")`: the
+check must fail it with a message containing that diagnosis. They live here, not in the notebooks, so
+the student versions never show them.
+"""
+WRONG = []  # (exercise id, expected diagnosis, function), filled by @wrong
+
+
+def wrong(id: str, diagnosis: str):
+    def register(fn):
+        WRONG.append((id, diagnosis, fn))
+        return fn
+    return register
