@@ -31,6 +31,9 @@ def cmd_run(args) -> int:
     from pathlib import Path
 
     from dpo_lab.workbook import NotebookFailed, list_notebooks, notebook_path, run_notebook
+    if args.results and args.profile != "full":
+        print("error: --results records full-profile runs only: add --profile full", file=sys.stderr)
+        return 2
     source = Path(args.source) if args.source else None
     if source is None:
         names = args.names or list_notebooks()
@@ -56,6 +59,10 @@ def cmd_run(args) -> int:
             break
     bar.close()
     _print_summary(results)
+    if args.results:
+        from dpo_lab.quotes import write_results
+        for name, res in results.items():
+            print(f"results: {write_results(name, res['figures'], res['seconds'])}")
     if failed:
         print(f"\nFAILED: {failed}", file=sys.stderr)
         return 1
@@ -135,6 +142,9 @@ def main(argv=None) -> int:
     r.add_argument("-p", "--param", action="append", type=_parse_param, metavar="KEY=VALUE",
                    help="override a notebook parameter (repeatable)")
     r.add_argument("--cell-timeout", type=int, default=900, help="seconds per cell")
+    r.add_argument("--results", action="store_true",
+                   help="with --profile full: also write results/<name>.json (figures + machine), "
+                        "the source of the numbers lessons quote from full runs")
     r.add_argument("--from", dest="source", default=None, metavar="DIR",
                    help="run the notebooks in DIR instead (e.g. the student versions)")
     st = sub.add_parser("student", help="write the student versions (solutions replaced by stubs)")

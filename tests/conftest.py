@@ -15,12 +15,16 @@ NOTEBOOK_OUT = build_dir() / "test"
 def run_nb():
     """run_nb(name) executes a notebook once per session (smoke profile) and returns
     {'seconds', 'notebook', 'figures'}; the executed copy stays in build/test/notebooks/."""
+    from dpo_lab.quotes import check_smoke
     from dpo_lab.workbook import run_notebook
     done = {}
 
     def _run(name):
         if name not in done:
             done[name] = run_notebook(name, "smoke", NOTEBOOK_OUT)
+            # The numbers that lessons quote from this notebook's smoke run must still be what it gives.
+            wrong = check_smoke(name, done[name]["figures"])
+            assert not wrong, "lessons quote numbers the smoke run no longer gives:\n" + "\n".join(wrong)
         return done[name]
     return _run
 
