@@ -100,3 +100,10 @@ def test_four_stages_equal_unsplit_model():
         assert run["dependency_violations"] == 0, run["schedule"]
         assert run["bubble_replayed"] == pytest.approx(run["bubble_formula"], abs=1e-12), run["schedule"]
     assert runs[0]["peak_in_flight"] == [4, 3, 2, 1]
+
+
+
+@pytest.mark.distributed
+def test_every_schedule_trains_the_same_model(two_ranks):
+    """Interleaving splits the same layers into v chunks per stage; it must not run a v× deeper model."""
+    assert [r["n_layers"] for r in two_ranks] == [4, 4, 4]

@@ -76,3 +76,18 @@ def test_bad_arguments_are_rejected():
         gpipe(2, 0)
     with pytest.raises(ValueError, match="unknown schedule"):
         make_schedule("zero-bubble", 2, 2)
+
+
+@pytest.mark.parametrize("p,m,v", [(4, 8, 2), (2, 4, 3), (4, 4, 2)])
+def test_interleaving_runs_the_same_work_in_less_time(p, m, v):
+    """Each chunk is 1/v of a stage: the step takes (m + (p−1)/v)(t_f + t_b) interleaved against
+    (m + p − 1)(t_f + t_b) for 1F1B, and both keep every stage busy for m(t_f + t_b)."""
+    def span_and_busy(schedule):
+        tl = simulate(schedule, t_f=1.0, t_b=2.0)
+        span = max(e for st in tl for _, _, e in st) - min(s for st in tl for _, s, _ in st)
+        return span, [sum(e - s for _, s, e in st) for st in tl]
+    span_1, busy_1 = span_and_busy(one_f_one_b(p, m))
+    span_v, busy_v = span_and_busy(interleaved_1f1b(p, m, v))
+    assert busy_1 == [pytest.approx(3.0 * m)] * p and busy_v == [pytest.approx(3.0 * m)] * p
+    assert span_1 == pytest.approx((m + p - 1) * 3.0)
+    assert span_v == pytest.approx((m + (p - 1) / v) * 3.0)

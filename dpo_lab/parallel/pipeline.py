@@ -12,6 +12,7 @@ bubble depends on the machine's load; `bubble_replayed` gives the bubble of the 
 with nominal durations, which does not.
 """
 import copy
+import math
 import time
 
 import torch
@@ -96,9 +97,11 @@ def run_pipeline(chunks: dict[int, Chunk], schedule, microbatches, targets, t_f:
     """Execute this rank's part of `schedule`. chunks: {chunk index: Chunk}; microbatches and
     targets: lists of m token tensors (only the first / last virtual stage reads them).
 
-    t_f / t_b pad each forward / backward to a fixed duration (sleep), so compute per micro-batch
-    is uniform and bubbles can be compared with the formulas. Returns (events, loss or None,
-    peak number of micro-batch chunks whose activations were held)."""
+    t_f / t_b pad each forward / backward of a micro-batch through this whole stage to a fixed
+    duration (sleep), so compute per micro-batch is uniform and bubbles can be compared with the
+    formulas; with v chunks a stage runs v actions per micro-batch, each padded to t_f / v (t_b / v),
+    so every schedule does the same work. Returns (events, loss or None, peak number of micro-batch
+    chunks whose activations were held)."""
     rank, p = dist.get_rank(), dist.get_world_size()
     if len(schedule) != p:
         raise ValueError(f"schedule has {len(schedule)} stages but the job has {p} ranks")
@@ -130,7 +133,7 @@ def run_pipeline(chunks: dict[int, Chunk], schedule, microbatches, targets, t_f:
                 send = (y.detach().contiguous(), (vs + 1) % p, _tag(a.microbatch, vs + 1, False, v * p))
             inputs[key], outputs[key] = x, y
             peak = max(peak, len(outputs))
-            duration = t_f
+            duration = t_f / v
         else:
             x, y = inputs.pop(key), outputs.pop(key)
             if vs == last_vs:
@@ -141,7 +144,7 @@ def run_pipeline(chunks: dict[int, Chunk], schedule, microbatches, targets, t_f:
             start = time.perf_counter()
             torch.autograd.backward(y, grad)
             send = (x.grad.contiguous(), (vs - 1) % p, _tag(a.microbatch, vs - 1, True, v * p)) if vs > 0 else None
-            duration = t_b
+            duration = t_b / v
         # Uniform compute: pad the real work to a fixed duration, then hand the result on.
         time.sleep(max(0.0, duration - (time.perf_counter() - start)))
         events.append((rank, a.kind, a.microbatch, a.chunk, start - t0, time.perf_counter() - t0))
@@ -195,12 +198,14 @@ def pipeline_rank(settings, seed: int = 0, t_f: float = 0.01, vocab: int = 64, d
                   n_heads: int = 4, seq: int = 8, mb_size: int = 2) -> list[dict]:
     """Rank function: for each (schedule, m, v) in settings, run one training step of a
     TinyTransformer split over the ranks and compare loss and gradients with the unsplit model.
+    Every setting trains the same model (p · lcm of the v's layers), so schedules are compared on
+    equal work.
     Returns per setting: events, loss error, max gradient error on this rank, peak in-flight."""
     rank, p = dist.get_rank(), dist.get_world_size()
     results = []
+    n_layers = max(p * math.lcm(*(v for _, _, v in settings)), 2)
     for name, m, v in settings:
         torch.manual_seed(seed)
-        n_layers = max(p * v, 2)
         model = TinyTransformer(vocab, dim, n_layers, n_heads)
         tokens = torch.randint(0, vocab, (m * mb_size, seq))
         targets = torch.randint(0, vocab, (m * mb_size, seq))
@@ -227,7 +232,8 @@ def pipeline_rank(settings, seed: int = 0, t_f: float = 0.01, vocab: int = 64, d
                 else:
                     ref = ref_params[pname]
                 err = max(err, (ref.grad - prm.grad).abs().max().item())
-        results.append({"schedule": name, "p": p, "m": m, "v": v, "events": events, "peak_in_flight": peak,
+        results.append({"schedule": name, "p": p, "m": m, "v": v, "n_layers": n_layers,
+                        "events": events, "peak_in_flight": peak,
                         "loss": loss, "ref_loss": ref_loss.item(), "grad_err": err})
         dist.barrier()
     return results
@@ -243,7 +249,8 @@ def gather_runs(per_rank: list[list[dict]]) -> list[dict]:
         events = sorted((e for r in runs for e in r["events"]), key=lambda e: e[4])
         loss = next(r["loss"] for r in runs if r["loss"] is not None)
         p, m, v = first["p"], first["m"], first["v"]
-        merged.append({"schedule": first["schedule"], "p": p, "m": m, "v": v, "events": events,
+        merged.append({"schedule": first["schedule"], "p": p, "m": m, "v": v, "n_layers": first["n_layers"],
+                       "events": events,
                        "bubble_measured": bubble_from_events(events, p),   # depends on load
                        "bubble_replayed": bubble_replayed(events, p),      # does not
                        "dependency_violations": len(dependency_violations(events, p)),

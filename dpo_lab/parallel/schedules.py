@@ -108,7 +108,9 @@ def dependencies(action: Action, stage: int, p: int, v: int) -> list[tuple[int, 
 
 def simulate(schedule, t_f: float = 1.0, t_b: float = 2.0) -> list[list[tuple[Action, float, float]]]:
     """Start/end times of every action when each stage runs its list in order, as soon as its
-    dependencies are done. Raises if the schedule deadlocks or misses an action."""
+    dependencies are done. t_f / t_b are one micro-batch's forward / backward through a whole
+    stage: with v chunks per stage each action takes t_f / v (t_b / v), so schedules of the same
+    model compare on equal work. Raises if the schedule deadlocks or misses an action."""
     p, v = len(schedule), n_chunks(schedule)
     done: dict[tuple[int, Action], float] = {}
     pos, clock = [0] * p, [0.0] * p
@@ -122,7 +124,7 @@ def simulate(schedule, t_f: float = 1.0, t_b: float = 2.0) -> list[list[tuple[Ac
                 if not all(d in done for d in deps):
                     break
                 start = max([clock[r], *(done[d] for d in deps)])
-                end = start + (t_f if a.kind == "F" else t_b)
+                end = start + (t_f if a.kind == "F" else t_b) / v
                 done[(r, a)] = clock[r] = end
                 out[r].append((a, start, end))
                 pos[r] += 1
