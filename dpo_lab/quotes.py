@@ -35,7 +35,7 @@ KINDS = ("smoke", "full", "timing", "given")
 _BLOCK = re.compile(r"<!--\s*numbers\s*\n(.*?)-->", re.S)
 _ENTRY = re.compile(r'^\s*"(?P<snippet>[^"]+)"\s+(?P<kind>\w+)(?:\s+(?P<key>\S+))?\s*$')
 _NUMBER = re.compile(r"(?<![\w.,])[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[-−]?\d+)?")
-_TARGET = re.compile(r"\{([-−]?\d+(?:\.\d+)?(?:e[-−]?\d+)?)\}")
+_TARGET = re.compile(r"\{([-−]?\d[\d,]*(?:\.\d+)?(?:e[-−]?\d+)?)\}")
 _DECIMAL = re.compile(r"(?<![\w.,])(?:\d+\.\d+(?:e[-−]?\d+)?|\d{1,3}(?:,\d{3})+)(?![\d,]*\d)")  # 0.49, 1.7e-5, 37,568
 
 
@@ -92,17 +92,24 @@ def quotes(lesson: str, text: str | None = None) -> list[Quote]:
     return out
 
 
+def _blank(text: str, pattern: str, flags=0, keep: int = 0) -> str:
+    """Overwrite each match with spaces (newlines kept), so positions still match the original."""
+    def spaces(m):
+        return m.group()[:keep] + re.sub(r"[^\n]", " ", m.group()[keep:])
+    return re.sub(pattern, spaces, text, flags=flags)
+
+
 def _prose(text: str) -> str:
-    """The lesson without its numbers block, code, maths and link targets."""
-    text = _BLOCK.sub("", text)
-    text = re.sub(r"```.*?```", " ", text, flags=re.S)
-    text = re.sub(r"\$\$.*?\$\$", " ", text, flags=re.S)
-    text = re.sub(r"\$[^$\n]+\$", " ", text)
-    text = re.sub(r"`[^`\n]+`", " ", text)
-    text = re.sub(r"\]\([^)]*\)", "]", text)
-    text = re.sub(r"https?://\S+", " ", text)
-    text = re.sub(r"arXiv:\s*\d+\.\d+(v\d+)?", " ", text)  # identifiers, not numbers
-    return re.sub(r"<!--.*?-->", " ", text, flags=re.S)
+    """The lesson with its numbers block, code, maths, link targets and arXiv ids blanked out."""
+    text = _blank(text, _BLOCK.pattern, re.S)
+    text = _blank(text, r"```.*?```", re.S)
+    text = _blank(text, r"\$\$.*?\$\$", re.S)
+    text = _blank(text, r"\$[^$\n]+\$")
+    text = _blank(text, r"`[^`\n]+`")
+    text = _blank(text, r"\]\([^)]*\)", keep=1)
+    text = _blank(text, r"https?://\S+")
+    text = _blank(text, r"arXiv:\s*\d+\.\d+(v\d+)?")  # identifiers, not numbers
+    return _blank(text, r"<!--.*?-->", re.S)
 
 
 def unaccounted(lesson: str, text: str | None = None) -> list[str]:
@@ -111,9 +118,9 @@ def unaccounted(lesson: str, text: str | None = None) -> list[str]:
     text = _lesson_text(lesson) if text is None else text
     snippets = [q.snippet for q in quotes(lesson, text)]
     out = []
-    for n, line in enumerate(_prose(text).splitlines(), 1):
+    for line, prose in zip(text.splitlines(), _prose(text).splitlines()):
         covered = [(m.start(), m.end()) for s in snippets for m in re.finditer(re.escape(s), line)]
-        for m in _DECIMAL.finditer(line):
+        for m in _DECIMAL.finditer(prose):
             if not any(a <= m.start() and m.end() <= b for a, b in covered):
                 out.append(f"{m.group()} in {line.strip()[:90]!r}")
     return out
