@@ -3,6 +3,8 @@ import math
 
 import pytest
 
+from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
+
 pytestmark = pytest.mark.notebook
 
 
@@ -42,3 +44,11 @@ def test_evaluation_moves_the_right_way(fig):
     assert fig["pref_accuracy_after"] > 0.7
     assert fig["likelihood_accuracy_after"] > fig["likelihood_accuracy_before"] + 0.1
     assert fig["task_success_after"] > fig["task_success_before"] + 0.05
+
+
+def test_every_exercise_passes(fig):
+    assert_every_check_passes(fig)
+
+
+def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
+    assert_every_check_says_not_implemented_yet(run_student_nb("06_dpo_fsdp_qlora"))

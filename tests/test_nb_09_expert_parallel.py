@@ -1,5 +1,7 @@
 import pytest
 
+from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
+
 
 @pytest.mark.notebook
 def test_expert_parallel_notebook(run_nb):
@@ -19,3 +21,13 @@ def test_expert_parallel_notebook(run_nb):
     # 2 x 2 mesh training equals one process, and learns.
     assert f["mesh_loss_max_abs_err"] < 1e-5 and f["mesh_param_max_abs_err"] < 1e-4
     assert f["mesh_last_loss"] < f["mesh_first_loss"] - 0.5
+
+
+@pytest.mark.notebook
+def test_every_exercise_passes(run_nb):
+    assert_every_check_passes(run_nb("09_expert_parallel")["figures"])
+
+
+@pytest.mark.notebook
+def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
+    assert_every_check_says_not_implemented_yet(run_student_nb("09_expert_parallel"))
