@@ -182,12 +182,12 @@ def grade(ex: Exercise, fn) -> Result:
     return Result(ex.id, ex.title, status, message)
 
 
-def check(id: str, fn) -> Result:
-    """Grade the student's `fn` for exercise `id` and print one line."""
+def check(id: str, fn) -> None:
+    """Grade the student's `fn` for exercise `id` and print one line (the verdict is kept in
+    RESULTS[id]; nothing is returned, so a check cell shows that line and nothing else)."""
     result = grade(get(id), fn)
     RESULTS[id] = result
     print(result)
-    return result
 
 
 def summary(nb: str) -> dict:
