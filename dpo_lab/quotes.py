@@ -109,6 +109,7 @@ def _prose(text: str) -> str:
     text = _blank(text, r"\]\([^)]*\)", keep=1)
     text = _blank(text, r"https?://\S+")
     text = _blank(text, r"arXiv:\s*\d+\.\d+(v\d+)?")  # identifiers, not numbers
+    text = _blank(text, r"(?:\*\*|[Ee]xercises? )\d\d\.\d+\b")  # exercise ids: **04.1, exercise 04.1
     return _blank(text, r"<!--.*?-->", re.S)
 
 
@@ -165,7 +166,10 @@ def compare(q: Quote, value) -> str | None:
     """None if the quoted number is `value` as printed (rounded to the quoted digits); else what differs."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{q.where}: figure {q.notebook}:{q.figure} is {value!r}, not a number"
-    quoted, half_unit, pct = _quoted_value(q)
+    try:
+        quoted, half_unit, pct = _quoted_value(q)
+    except QuoteError as e:
+        return str(e)
     actual = value * 100 if pct else value
     if not (math.isfinite(actual) and abs(actual - quoted) <= half_unit * (1 + 1e-9)):
         return (f"{q.where}: the lesson says {q.snippet!r} but the {q.kind} run gives "
