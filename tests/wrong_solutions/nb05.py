@@ -81,6 +81,15 @@ def hooks_on_grad_not_accumulated(params, bucket_size):
         p.register_hook(lambda g: dist.all_reduce(g.clone()))
 
 
+@wrong("05.1", "called on some ranks only")
+def hooks_reduce_on_rank_0_only(params, bucket_size):
+    def hook(p):
+        if dist.get_rank() == 0:  # "rank 0 collects the gradients"
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
 # --- 05.2 -----------------------------------------------------------------------------------------
 
 @wrong("05.2", "the last rank misses the remainder")
