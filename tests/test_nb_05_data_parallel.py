@@ -1,5 +1,7 @@
 import pytest
 
+from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
+
 
 @pytest.mark.notebook
 def test_data_parallel_notebook(run_nb):
@@ -21,3 +23,13 @@ def test_data_parallel_notebook(run_nb):
     for key in ("dp", "zero2", "fsdp"):
         assert f[f"{key}_bytes_ratio_to_theory"] == pytest.approx(1.0, rel=0.01), key
     assert f["fsdp_vs_dp_bytes"] == pytest.approx(1.5, rel=0.01)
+
+
+@pytest.mark.notebook
+def test_every_exercise_passes(run_nb):
+    assert_every_check_passes(run_nb("05_data_parallel")["figures"])
+
+
+@pytest.mark.notebook
+def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
+    assert_every_check_says_not_implemented_yet(run_student_nb("05_data_parallel"))

@@ -1,5 +1,7 @@
 import pytest
 
+from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
+
 
 @pytest.mark.notebook
 def test_pipeline_parallel_notebook(run_nb):
@@ -24,3 +26,13 @@ def test_pipeline_parallel_notebook(run_nb):
     # In-flight micro-batches: m for GPipe, at most p for 1F1B.
     assert f["peak_in_flight_gpipe_m8_v1_max"] == 8
     assert f["peak_in_flight_1f1b_m8_v1_max"] == 4
+
+
+@pytest.mark.notebook
+def test_every_exercise_passes(run_nb):
+    assert_every_check_passes(run_nb("08_pipeline_parallel")["figures"])
+
+
+@pytest.mark.notebook
+def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
+    assert_every_check_says_not_implemented_yet(run_student_nb("08_pipeline_parallel"))
