@@ -142,7 +142,12 @@ def _rank_verdict(exc) -> tuple[str, str]:
         return "todo", ""
     last = _last_line(tb)
     if ".Wrong: " in last or last.startswith("Wrong: "):
-        return "fail", f"rank {exc.rank}: {last.split('Wrong: ', 1)[1]}"
+        message = last.split("Wrong: ", 1)[1]
+        return "fail", message if message.startswith("rank ") else f"rank {exc.rank}: {message}"
+    if any(s in tb for s in ("Connection closed by peer", "Connection reset by peer", "connectFullMesh")):
+        # gloo's words for "the peer you wait for has gone": it finished without this collective.
+        return "fail", (f"rank {exc.rank} waited for a peer that had already finished: is a collective "
+                        "(or a send/recv) called on some ranks only, or a different number of times?")
     if exc.exitcode is not None and not tb:
         return "fail", f"rank {exc.rank} died ({exc})"
     return "fail", f"rank {exc.rank} raised {last}"
