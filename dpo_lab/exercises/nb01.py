@@ -65,7 +65,8 @@ def check_dpo_metrics(fn):
     if abs(val["rewards/chosen"] - (pc - rc).mean().item()) < 1e-9:
         raise Wrong("β is missing: the implicit reward is β·(log π − log π_ref)")
     if abs(val["rewards/chosen"] - beta * pc.mean().item()) < 1e-9:
-        raise Wrong("the reference is missing: the implicit reward is β·(log π − log π_ref), not β·log π")
+        raise Wrong("the reference is missing: the implicit reward is β·(log π − log π_ref), "
+                    "not β·log π")
     expect_close(val["rewards/chosen"], want_c.mean(), "rewards/chosen", atol=1e-9)
     expect_close(val["rewards/rejected"], want_r.mean(), "rewards/rejected", atol=1e-9)
     expect_close(val["rewards/margins"], (want_c - want_r).mean(), "rewards/margins", atol=1e-9,

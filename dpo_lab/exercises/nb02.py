@@ -48,9 +48,11 @@ def check_layer_norm(fn):
             (ln(denom=lambda var: torch.sqrt(var) + eps),
              "ε is outside the square root: divide by √(σ² + ε), not √σ² + ε"),
             (ln(denom=lambda var: torch.sqrt(var)), "ε is missing: divide by √(σ² + ε)"),
-            (ln(denom=lambda var: var + eps), "you divided by the variance: divide by the standard deviation √(σ² + ε)"),
+            (ln(denom=lambda var: var + eps),
+             "you divided by the variance: divide by the standard deviation √(σ² + ε)"),
             (ln(var=lambda v, d: v.pow(2).mean(d, keepdim=True)),
-             "the variance is the mean of squares of the *centred* values: mean((x − μ)²), not mean(x²)"),
+             "the variance is the mean of squares of the *centred* values: mean((x − μ)²), "
+             "not mean(x²)"),
             (ln(centre=False), "the mean is not subtracted: the numerator is x − μ"),
             (ln(dim=0), "you normalised over the batch (dim 0): LayerNorm normalises each token over "
                         "its features, the last dim"),
@@ -88,7 +90,8 @@ def check_rms_norm(fn):
             (rms(ms=lambda v, d: v.pow(2).sum(d, keepdim=True)),
              "you used the sum of squares (‖x‖², as x.norm() gives): the RMS is √(mean(x²)), "
              "a factor √D smaller"),
-            (rms(denom=lambda s: torch.sqrt(s) + eps), "ε is outside the square root: divide by √(mean(x²) + ε)"),
+            (rms(denom=lambda s: torch.sqrt(s) + eps),
+             "ε is outside the square root: divide by √(mean(x²) + ε)"),
             (rms(denom=lambda s: torch.sqrt(s)), "ε is missing: divide by √(mean(x²) + ε)"),
             (rms(denom=lambda s: s + eps), "the square root is missing: divide by √(mean(x²) + ε)"),
             (rms(ms=lambda v, d: v.abs().mean(d, keepdim=True) ** 2),
