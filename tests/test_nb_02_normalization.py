@@ -1,6 +1,8 @@
 """Figures of notebooks/02_normalization.ipynb (smoke profile)."""
 import pytest
 
+from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
+
 pytestmark = pytest.mark.notebook
 
 
@@ -52,3 +54,11 @@ def test_deepest_postnorm_needs_warmup(fig):
 def test_timing_ratio_is_reported(fig):
     # Speed is compared in `dpo-lab bench norms`, not asserted here: timings drift with load.
     assert fig["scratch_rmsnorm_over_layernorm_time"] > 0
+
+
+def test_every_exercise_passes(fig):
+    assert_every_check_passes(fig)
+
+
+def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
+    assert_every_check_says_not_implemented_yet(run_student_nb("02_normalization"))
