@@ -126,7 +126,8 @@ def decode(chunk: torch.Tensor, n: int) -> dict | None:
 
 # --- 04.1 ring reduce-scatter -------------------------------------------------------------------
 
-SCHEDULE = "at step s send chunk (rank − s) % n to the right and add what arrives from the left into chunk (rank − s − 1) % n"
+SCHEDULE = ("at step s send chunk (rank − s) % n to the right and add what arrives from the left "
+            "into chunk (rank − s − 1) % n")
 
 
 def _diagnose_reduce_scatter(chunks, r, n) -> str | None:

@@ -6,11 +6,8 @@ what it must equal on every rank: for f and g, sums of the ranks' tensors comput
 their seeds (no collective shared with the code under test); for the MLP, the unsplit `MLP`'s
 output and gradients in the same process.
 """
-import copy
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dpo_lab.exercises import Wrong, exercise, expect_close
 from dpo_lab.exercises.nb04 import LAUNCH_S, any_rank, call_on_rank, run_check, verdict_of
