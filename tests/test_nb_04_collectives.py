@@ -2,6 +2,8 @@ import math
 
 import pytest
 
+from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
+
 
 @pytest.mark.notebook
 def test_collectives_notebook(run_nb):
@@ -18,3 +20,13 @@ def test_collectives_notebook(run_nb):
         assert 0 < f[key] < math.inf, key
     for key in ("native_alpha_us", "ring_alpha_us", "fit_max_rel_error"):
         assert 0 <= f[key] < math.inf, key
+
+
+@pytest.mark.notebook
+def test_every_exercise_passes(run_nb):
+    assert_every_check_passes(run_nb("04_collectives")["figures"])
+
+
+@pytest.mark.notebook
+def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
+    assert_every_check_says_not_implemented_yet(run_student_nb("04_collectives"))

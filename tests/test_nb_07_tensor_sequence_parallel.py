@@ -1,5 +1,7 @@
 import pytest
 
+from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
+
 
 @pytest.mark.notebook
 def test_tensor_sequence_parallel_notebook(run_nb):
@@ -25,3 +27,13 @@ def test_tensor_sequence_parallel_notebook(run_nb):
     # With the attention scores recomputed, TP alone stalls at 10 sbh of 34; SP keeps dividing.
     assert f["megatron_selective_tp_t8_ratio"] == pytest.approx((10 + 24 / 8) / 34)
     assert f["megatron_selective_sp_t8_ratio"] == pytest.approx(1 / 8)
+
+
+@pytest.mark.notebook
+def test_every_exercise_passes(run_nb):
+    assert_every_check_passes(run_nb("07_tensor_sequence_parallel")["figures"])
+
+
+@pytest.mark.notebook
+def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
+    assert_every_check_says_not_implemented_yet(run_student_nb("07_tensor_sequence_parallel"))
