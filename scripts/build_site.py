@@ -248,6 +248,8 @@ def main(argv=None):
     ap.add_argument("--notebooks", type=Path, default=REPO / "build" / "notebooks",
                     help="executed notebooks (from `dpo-lab run`); default build/notebooks")
     ap.add_argument("--out", type=Path, default=REPO / "build" / "site")
+    ap.add_argument("--require-executed", action="store_true",
+                    help="fail unless every notebook page has its outputs (CI, after `make test`)")
     args = ap.parse_args(argv)
     if not args.notebooks.is_dir():
         print(f"build_site: no executed notebooks in {args.notebooks}: the pages show the source notebooks",
@@ -260,6 +262,9 @@ def main(argv=None):
         sys.exit(f"build_site: sphinx-build failed (exit {e.returncode}); its messages are above")
     for name, how in report["notebooks"].items():
         print(f"  {name}: {how}")
+    missing = [n for n, how in report["notebooks"].items() if how != "executed"]
+    if args.require_executed and missing:
+        sys.exit(f"build_site: no up-to-date executed copy in {args.notebooks} for {missing}")
     print(f"build_site: {len(report['pages'])} pages in {args.out / 'html'} ({report['seconds']} s); "
           f"open {args.out / 'html' / 'index.html'}")
 
