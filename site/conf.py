@@ -7,6 +7,8 @@ extensions = [
     "myst_nb",  # Markdown lessons (MyST) and notebooks with their stored outputs
     "sphinx-mathjax-offline",  # MathJax 3 served from _static/: the maths is typeset without a CDN
 ]
+# An unknown macro is then a TeX error (mjx-merror, which the browser test looks for), not red text.
+mathjax3_config = {"tex": {"packages": {"[-]": ["noundefined"]}}}
 myst_enable_extensions = ["dollarmath"]  # the lessons write maths as $...$ and $$...$$
 myst_heading_anchors = 3  # #section links within and across pages
 nb_execution_mode = "off"  # the notebooks were executed by `dpo-lab run`; never run them here

@@ -216,3 +216,33 @@ def test_navigation_reaches_every_lesson_and_notebook(crawl, server):
         if missing := sorted(course - nav - {page}):
             bad.append(f"{page}: sidebar lacks {missing}")
     assert course and not bad, "\n".join(bad)
+
+
+def _builder():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_site", REPO / "scripts" / "build_site.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_build_maps_links_and_rejects_missing_files(tmp_path):
+    """Code links become pages that show the file; a link to a file that is not there stops the
+    build with the file and the link named (the browser test cannot see a link the build dropped)."""
+    bs = _builder()
+    site = bs.Site(tmp_path)
+    out = site.rewrite("See [the loss](../dpo_lab/dpo/loss.py#L1) and [02](02_normalization.md).\n"
+                       "```\n[not a link](../nowhere.py)\n```\n", "lessons/01_rlhf_to_dpo.md")
+    assert "(../code/dpo_lab/dpo/loss.py.md#L1)" in out and "(02_normalization.md)" in out
+    assert "[not a link](../nowhere.py)" in out
+    assert (tmp_path / "code/dpo_lab/dpo/loss.py.md").exists() and (tmp_path / "dpo_lab/dpo/loss.py").exists()
+    with pytest.raises(bs.LinkError, match=r"lessons/01_x\.md: link to '\.\./dpo_lab/nope\.py'"):
+        site.rewrite("[gone](../dpo_lab/nope.py)", "lessons/01_x.md")
+
+
+def test_build_opens_details_blocks_to_markdown(tmp_path):
+    """Maths in a <details> answer, as the lessons' exercises write them, reaches the parser."""
+    out = _builder().Site(tmp_path).rewrite(
+        "3. Question $p$? <details><summary>Answer\n   </summary>$m > 63$: 64.</details>\n4. Next\n", "lessons/x.md")
+    assert out == ("3. Question $p$? \n\n   <details><summary>Answer</summary>\n\n   $m > 63$: 64.\n\n"
+                   "   </details>\n4. Next\n")
