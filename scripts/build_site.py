@@ -163,16 +163,16 @@ def notebook_for_site(name: str, executed_dir: Path | None):
         if _code_sources(nb) == _code_sources(source):
             _strip_widgets(nb)
             return nb, "executed"
-        why = f"the executed copy in `{executed_dir.name}/` is older than the notebook's code"
+        why, short = f"the executed copy in `{executed_dir.name}/` is older than the notebook's code", "stale"
     else:
-        why = "no executed copy was found"
+        why, short = "no executed copy was found", "not executed"
     note = ("```{note}\nThis page shows the notebook without its outputs: " + why +
             f". Run `dpo-lab run {name}`, then `make site`, to see them here.\n```")
     # Placed after the title so that the title stays the page's heading.
     first = source.cells[0] if source.cells else None
     at = 1 if first is not None and first.cell_type == "markdown" and first.source.lstrip().startswith("# ") else 0
     source.cells.insert(at, nbformat.v4.new_markdown_cell(note))
-    return source, "source (no outputs)"
+    return source, f"without outputs ({short})"
 
 
 def _title(md: str, fallback: str) -> str:
