@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 TORCH_VERSION ?= 2.13.0
 LOCK   := requirements/lock.txt
 
-.PHONY: run test install lab lock clean
+.PHONY: run test install lab lock clean site site-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,29 @@ test: install
 lab: install
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[lab]"
 	$(BIN)/jupyter lab notebooks/
+
+# The course site (README "Course site"): lessons + executed notebooks -> $(SITE_OUT)/html, built by
+# Sphinx with MyST-NB. The notebooks' outputs come from SITE_NOTEBOOKS (what `make run` / `dpo-lab run`
+# wrote); a notebook not there is shown without outputs. `make site-test` opens every page in headless
+# Chromium (Debian: apt-get install chromium); it rebuilds first only when an input is newer.
+SITE_NOTEBOOKS ?= build/notebooks
+SITE_OUT ?= build/site
+SITE_FLAGS ?=
+SITE_INPUTS = $(wildcard lessons/*.md notebooks/*.ipynb $(SITE_NOTEBOOKS)/*.ipynb site/* site/_static/* \
+  dpo_lab/*.py dpo_lab/*/*.py configs/*/*) scripts/build_site.py
+
+$(VENV)/.site-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[site]"
+	touch $@
+
+$(SITE_OUT)/html/index.html: $(SITE_INPUTS) | $(VENV)/.site-installed
+	$(BIN)/python scripts/build_site.py --notebooks $(SITE_NOTEBOOKS) --out $(SITE_OUT) $(SITE_FLAGS)
+
+site: $(VENV)/.site-installed
+	$(BIN)/python scripts/build_site.py --notebooks $(SITE_NOTEBOOKS) --out $(SITE_OUT) $(SITE_FLAGS)
+
+site-test: $(SITE_OUT)/html/index.html
+	DPO_LAB_SITE=$(SITE_OUT) $(BIN)/python -m pytest -n 0 tests/site $(PYTEST_ARGS)
 
 # Refresh the lock: the newest versions that pyproject.toml allows, for every platform and
 # Python >= 3.10 (uv's universal resolution), with torch held at TORCH_VERSION. torch and its CUDA
