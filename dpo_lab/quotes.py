@@ -109,7 +109,8 @@ def _prose(text: str) -> str:
     text = _blank(text, r"\]\([^)]*\)", keep=1)
     text = _blank(text, r"https?://\S+")
     text = _blank(text, r"arXiv:\s*\d+\.\d+(v\d+)?")  # identifiers, not numbers
-    text = _blank(text, r"(?:\*\*|[Ee]xercises? )\d\d\.\d+\b")  # exercise ids: **04.1, exercise 04.1
+    # exercise ids: **04.1, exercise 04.1, exercises 07.1 and 07.2
+    text = _blank(text, r"(?:\*\*|[Ee]xercises? )\d\d\.\d+\b(?:(?:,| and| or|,? and) \d\d\.\d+\b)*")
     return _blank(text, r"<!--.*?-->", re.S)
 
 
