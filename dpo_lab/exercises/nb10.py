@@ -67,6 +67,15 @@ def check_zero_formula(fn):
             expect_close(g, w, f"{case}: {key}", rtol=1e-9, atol=0)
 
 
+def _train_quietly(**kwargs):
+    """Rank function: lesson 05's strategies, without torch's deprecation notices for the
+    *_into_tensor / *_tensor collectives they call (they would print in the student's notebook)."""
+    import warnings
+    from dpo_lab.parallel.dp_training import train_strategies
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    return train_strategies(**kwargs)
+
+
 _MEASURED: dict[int, list] = {}  # world size -> per-rank bytes; the ranks' bytes do not depend on fn
 
 
@@ -75,8 +84,7 @@ def measure_rank_bytes(world_size: int) -> list[dict]:
     under DP, ZeRO-1, ZeRO-2 and FSDP (lesson 05's implementations), and the parameter count Ψ."""
     if world_size not in _MEASURED:
         from dpo_lab.parallel import launch
-        from dpo_lab.parallel.dp_training import train_strategies
-        runs = launch(train_strategies, world_size, timeout=180,
+        runs = launch(_train_quietly, world_size, timeout=180,
                       kwargs=dict(strategies=("dp", "zero1", "zero2", "fsdp"), steps=1, batch=6))
         psi = sum(p.numel() for p in runs[0]["dp"]["params"].values())
         _MEASURED[world_size] = [psi, [{stage: r[s]["memory"] for stage, s in enumerate(("dp", "zero1", "zero2", "fsdp"))}
