@@ -1,6 +1,8 @@
 """Figures of notebooks/03_attention_variants.ipynb (smoke profile)."""
 import pytest
 
+from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
+
 pytestmark = pytest.mark.notebook
 
 
@@ -54,3 +56,11 @@ def test_uptraining(fig):
         assert converted > mha + 1.0         # pooling K/V heads hurts at first...
         assert up < 0.5 * converted          # ...brief training recovers most of it...
         assert up < scratch - 0.5            # ...far better than the same steps from scratch
+
+
+def test_every_exercise_passes(fig):
+    assert_every_check_passes(fig)
+
+
+def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
+    assert_every_check_says_not_implemented_yet(run_student_nb("03_attention_variants"))

@@ -1,5 +1,7 @@
 import pytest
 
+from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
+
 
 @pytest.mark.notebook
 def test_planning_notebook(run_nb):
@@ -23,3 +25,13 @@ def test_planning_notebook(run_nb):
     for method in ("dpo_qlora", "dpo_full"):
         t = [f[f"tokens_per_s_{method}_{s}_1024gpus"] for s in ("7B", "70B", "405B")]
         assert t[0] > t[1] > t[2] > 0
+
+
+@pytest.mark.notebook
+def test_every_exercise_passes(run_nb):
+    assert_every_check_passes(run_nb("10_planning_at_scale")["figures"])
+
+
+@pytest.mark.notebook
+def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
+    assert_every_check_says_not_implemented_yet(run_student_nb("10_planning_at_scale"))
