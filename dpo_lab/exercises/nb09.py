@@ -176,3 +176,47 @@ def check_all_to_all(fn):
     from dpo_lab.parallel import launch
     for world_size in (2, 3):
         launch(all_to_all_rank, world_size, args=(fn,), timeout=60)
+
+
+# --- 09.3 the load-balancing loss --------------------------------------------------------------------
+
+@exercise("09.3", "the load-balancing loss")
+def check_load_balancing_loss(fn):
+    """fn(probs, expert) -> scalar: Switch Transformer's auxiliary loss E · Σ_e f_e · P_e, with f_e the
+    fraction of the T·k assignments routed to expert e (a count: no gradient) and P_e the mean router
+    probability of e (the gradient's only path). Compared with the formula written out on one-hot
+    counts here (not dpo_lab's bincount), in value and in its gradient with respect to the probs."""
+    g = torch.Generator().manual_seed(3)
+    for n_tok, n_exp, k in [(12, 4, 2), (9, 3, 1), (10, 5, 3)]:
+        logits = torch.randn(n_tok, n_exp, generator=g, dtype=torch.float64)
+        logits[:, 0] += 1.0  # unbalanced, so that wrong counts show
+        probs = logits.softmax(-1).requires_grad_()
+        expert = probs.detach().topk(k, dim=-1).indices
+        onehot = torch.nn.functional.one_hot(expert, n_exp).to(probs.dtype)  # (T, k, E)
+        f = onehot.sum((0, 1)) / (n_tok * k)
+        want = n_exp * (f * probs.mean(0)).sum()
+        where = f"(T={n_tok}, E={n_exp}, k={k})"
+        got = fn(probs, expert)
+        if not torch.is_tensor(got) or got.numel() != 1:
+            raise Wrong(f"return a scalar tensor {where}")
+        got = got.reshape(())
+        if not torch.allclose(got.detach(), want.detach(), rtol=1e-9, atol=1e-12):
+            ratio = (got.detach() / want.detach()).item()
+            first = n_exp * ((torch.nn.functional.one_hot(expert[:, 0], n_exp).to(probs.dtype).mean(0))
+                             * probs.mean(0)).sum()
+            if k > 1 and torch.allclose(got.detach(), first.detach(), rtol=1e-9):
+                raise Wrong(f"only the first choice of each token is counted {where}: f_e counts all k choices")
+            for factor, hint in [(1 / n_exp, "multiply by the number of experts E (a uniform router then gives 1)"),
+                                 (k, "f_e divides by T·k assignments, not by T tokens"),
+                                 (n_tok, "P_e is the mean router probability over tokens, not the sum")]:
+                if abs(ratio - factor) < 1e-9 * max(1.0, factor):
+                    raise Wrong(f"the loss is {factor:g}× the expected {where}: {hint}")
+            raise Wrong(f"the loss is {got.item():.6g}, expected {want.item():.6g} {where}")
+        if not got.requires_grad:
+            raise Wrong(f"no gradient reaches the router probabilities {where}: P_e must stay in the graph "
+                        "(f_e is a count and carries none)")
+        (grad,) = torch.autograd.grad(got, probs)
+        (want_grad,) = torch.autograd.grad(want, probs)
+        if not torch.allclose(grad, want_grad, rtol=1e-9, atol=1e-12):
+            raise Wrong(f"the value is right but the gradient is not {where}: only P_e may carry gradient; "
+                        "compute f_e from the (integer) expert choices")

@@ -132,3 +132,37 @@ def measure_psi() -> int:
     """Ψ of the tiny transformer the ranks train (counted here, without starting ranks)."""
     from dpo_lab.parallel.dp_training import make_model
     return sum(p.numel() for p in make_model(0).parameters())
+
+
+# --- 10.3 activation memory per layer ----------------------------------------------------------------
+
+@exercise("10.3", "activation memory per layer, with TP and SP")
+def check_activation_bytes(fn):
+    """fn(s, b, h, a, t, sp) -> bytes of 16-bit activations one transformer layer stores for backward
+    (no recomputation), compared with the planner's `cost.activation_bytes_per_layer` (Korthikanti et
+    al. 2022, Table 2)."""
+    cases = [(2048, 1, 4096, 32, 1, False), (4096, 2, 8192, 64, 8, False), (4096, 2, 8192, 64, 8, True),
+             (1024, 4, 2048, 16, 2, False), (1024, 4, 2048, 16, 2, True), (512, 8, 1024, 8, 1, True)]
+    for s, b, h, a, t, sp in cases:
+        want = cost.activation_bytes_per_layer(s, b, h, a, tp=t, sp=sp)
+        got = fn(s, b, h, a, t, sp)
+        where = f"(s={s}, b={b}, h={h}, a={a}, t={t}, sp={sp})"
+        if not isinstance(got, (int, float)) or isinstance(got, bool):
+            raise Wrong(f"return a number of bytes {where}, got {type(got).__name__}")
+        if _near(got, want, 1e-9):
+            continue
+        no_attn = (s * b * h * (34 if t == 1 or sp else 10 + 24 / t)) / (t if sp else 1)
+        if _near(got, no_attn, 1e-9):
+            raise Wrong(f"the attention term is missing {where}: the scores, softmax and its dropout mask add "
+                        "5as/h per sbh (quadratic in s)")
+        if t > 1 and not sp and _near(got, s * b * h * (34 + 5 * a * s / h) / t, 1e-9):
+            raise Wrong(f"tensor parallelism alone does not split everything {where}: the layer-norm inputs "
+                        "and dropout masks (10 sbh) stay whole on every rank: sbh(10 + 24/t + 5as/(ht))")
+        if t > 1 and sp and _near(got, s * b * h * (10 + 24 / t + 5 * a * s / (h * t)), 1e-9):
+            raise Wrong(f"sequence parallelism also splits the 10 sbh that TP leaves whole {where}: "
+                        "(sbh/t)(34 + 5as/h)")
+        if _near(got, 2 * want, 1e-9):
+            raise Wrong(f"2× too large {where}: the coefficients already count bytes of 16-bit values")
+        if _near(got, want / 2, 1e-9):
+            raise Wrong(f"half the expected bytes {where}: the coefficients count bytes, not elements")
+        raise Wrong(f"{got:.6g} bytes, expected {want:.6g} {where}")

@@ -152,3 +152,39 @@ def route_capacity_shared_by_rank(logits, k, cf):
     for i, (t, j) in enumerate(order):
         keep[t, j] = i < cap
     return expert, gate, keep
+
+
+def _lb(probs, expert, count_k=True, scale=True, per_token=False, mean=True, detach_p=False):
+    n_tok, n_exp = probs.shape
+    chosen = expert if count_k else expert[:, :1]
+    f = torch.bincount(chosen.flatten(), minlength=n_exp).to(probs.dtype)
+    f = f / (n_tok if per_token else chosen.numel())
+    p = probs.mean(0) if mean else probs.sum(0)
+    if detach_p:
+        p = p.detach()
+    return (n_exp if scale else 1) * (f * p).sum()
+
+
+@wrong("09.3", "multiply by the number of experts")
+def lb_no_e(probs, expert):
+    return _lb(probs, expert, scale=False)
+
+
+@wrong("09.3", "only the first choice of each token is counted")
+def lb_first_choice(probs, expert):
+    return _lb(probs, expert, count_k=False)
+
+
+@wrong("09.3", "not by T tokens")
+def lb_per_token(probs, expert):
+    return _lb(probs, expert, per_token=True)
+
+
+@wrong("09.3", "not the sum")
+def lb_sum_probs(probs, expert):
+    return _lb(probs, expert, mean=False)
+
+
+@wrong("09.3", "no gradient reaches the router probabilities")
+def lb_detached(probs, expert):
+    return _lb(probs, expert, detach_p=True)

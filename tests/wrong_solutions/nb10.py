@@ -55,3 +55,34 @@ def fp32_stage1_replicates_optimizer(psi, stage, nd):
 @wrong("10.2", "not by a fixed 2")
 def fp32_shards_over_two(psi, stage, nd):  # hard-codes the notebook's 2 ranks: wrong on 3
     return _zero(psi, stage, 2, weight=4, grad=4, optim=8)
+
+
+def _act(s, b, h, a, t, sp, attn=True, split_all=False, sp_splits=True, scale=1.0):
+    att = 5 * a * s / h if attn else 0
+    if sp and sp_splits:
+        return scale * s * b * h / t * (34 + att)
+    if t == 1:
+        return scale * s * b * h * (34 + att)
+    if split_all:
+        return scale * s * b * h * (34 + att) / t
+    return scale * s * b * h * (10 + 24 / t + att / t)
+
+
+@wrong("10.3", "the attention term is missing")
+def act_no_attention(s, b, h, a, t, sp):
+    return _act(s, b, h, a, t, sp, attn=False)
+
+
+@wrong("10.3", "tensor parallelism alone does not split everything")
+def act_tp_splits_all(s, b, h, a, t, sp):
+    return _act(s, b, h, a, t, sp, split_all=True)
+
+
+@wrong("10.3", "sequence parallelism also splits")
+def act_sp_ignored(s, b, h, a, t, sp):
+    return _act(s, b, h, a, t, sp, sp_splits=False)
+
+
+@wrong("10.3", "2× too large")
+def act_times_two(s, b, h, a, t, sp):
+    return _act(s, b, h, a, t, sp, scale=2.0)
