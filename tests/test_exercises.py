@@ -121,6 +121,7 @@ def test_every_notebook_is_ready_for_nbgrader_and_grades_only_known_exercises(na
     checked = student.checked_exercises(nb)
     registered = [e.id for e in ex.exercises_of(name[:2])]
     assert sorted(checked) == sorted(registered), "each registered exercise is checked once in its notebook"
+    assert 2 <= len(registered) <= 4, f"{name}: {len(registered)} exercises (the workbook gives each notebook 2-4)"
     stub = student.student_version(nb, name)
     assert "### BEGIN SOLUTION" not in json.dumps(stub)
     assert all(not c.get("outputs") for c in stub["cells"] if c["cell_type"] == "code")
@@ -138,3 +139,4 @@ def test_student_command_and_exercise_figures(tmp_path, capsys):
     assert figures == cat["figures"] == json.loads((tmp_path / "metrics" / "exercises.json").read_text())
     assert figures["exercises_total"] == sum(len(ex.exercises_of(n[:2])) for n in list_notebooks())
     assert figures["exercises_with_wrong_solution_tests"] == len({i for i, _, _ in WRONG})
+    assert figures["exercises_total"] >= 25 and figures["exercises_with_wrong_solution_tests"] == figures["exercises_total"]
