@@ -47,3 +47,15 @@ def run_student_nb():
         return done[name]
     return _run
 
+
+
+# Test files stay on one xdist worker (notebooks run once, module fixtures are shared), except the
+# files listed here, whose tests are independent and many: their tests spread over the workers.
+SPREAD = {"tests.test_exercises"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__ if item.module else item.nodeid.split("::")[0]
+        if module not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(module))
