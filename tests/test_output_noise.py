@@ -70,7 +70,7 @@ def test_noisy_notebook_names_each_line_with_its_cell(tmp_path):
          _stream("stdout", "result 1.0\n")],
         [_stream("stderr", _real_tqdm_output(desc="steps") + fut)],
         [_stream("stdout", "/x/torch/jit/_script.py:365: DeprecationWarning: `torch.jit.script_method` is deprecated\n"
-                           "[W1124 05:00:00.123456 ProcessGroupGloo.cpp:516] Warning: unable to resolve hostname\n"
+                           "[W1124 05:00:00.123456 socket.cpp:755] [c10d] The client socket cannot connect\n"
                            "WARNING:root:something\n"
                            "final accuracy 0.9\n")],
     ])
@@ -79,7 +79,7 @@ def test_noisy_notebook_names_each_line_with_its_cell(tmp_path):
         "cell 3: /x/transformers/training_args.py:1541: FutureWarning: `gradient_checkpointing` is deprecated",
         "cell 3: warnings.warn(f\"`{old}` is deprecated\", FutureWarning)",
         "cell 4: /x/torch/jit/_script.py:365: DeprecationWarning: `torch.jit.script_method` is deprecated",
-        "cell 4: [W1124 05:00:00.123456 ProcessGroupGloo.cpp:516] Warning: unable to resolve hostname",
+        "cell 4: [W1124 05:00:00.123456 socket.cpp:755] [c10d] The client socket cannot connect",
         "cell 4: WARNING:root:something",
     ]
 
@@ -150,8 +150,8 @@ def test_bitsandbytes_kernels_message_is_dropped_and_nothing_else():
 def test_importing_bitsandbytes_after_dpo_lab_is_silent():
     """On a CPU with AVX512-BF16 (as here) bitsandbytes logs at import (elsewhere it is silent anyway),
     and imports torch's mkldnn module, which uses the deprecated torch.jit.script_method."""
-    proc = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c", "import dpo_lab, bitsandbytes"], capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=300)
+    cmd = [sys.executable, "-W", "always::DeprecationWarning", "-c", "import dpo_lab, bitsandbytes"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
 
