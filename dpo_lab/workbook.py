@@ -74,6 +74,19 @@ def _failed_cell_index(path: Path):
     return None
 
 
+def _kernel_config() -> dict:
+    """papermill keyword arguments that give the kernel encrypted sockets (CurveZMQ keys from
+    jupyter_client >= 8.10 when the kernelspec declares it reads them, as ipykernel 7.4's does).
+    Plain TCP makes ipykernel 7.4 log "Kernel is running over TCP without encryption" to the
+    terminal of every run. Older jupyter_client, or a pyzmq without Curve: left as it was."""
+    import zmq
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+    if not KernelManager.class_traits().get("transport_encryption") or not zmq.has("curve"):
+        return {}
+    return {"config": Config({"KernelManager": {"transport_encryption": "auto"}})}
+
+
 def run_notebook(name: str, profile: str = "smoke", output_dir=None, parameters: dict | None = None,
                  cell_timeout: int = DEFAULT_CELL_TIMEOUT, log_output: bool = False,
                  source_dir=None) -> dict:
@@ -99,7 +112,7 @@ def run_notebook(name: str, profile: str = "smoke", output_dir=None, parameters:
         pm.execute_notebook(
             str(src), str(executed), parameters=params, kernel_name="python3",
             cwd=str(NOTEBOOK_DIR), execution_timeout=cell_timeout, progress_bar=False,
-            log_output=log_output,
+            log_output=log_output, **_kernel_config(),
         )
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(name, e.cell_index, f"{e.ename}: {e.evalue}", executed) from None
@@ -111,3 +124,41 @@ def run_notebook(name: str, profile: str = "smoke", output_dir=None, parameters:
     if not figures_file.exists():
         raise NotebookFailed(name, None, f"ran, but wrote no figures to {figures_file}", executed)
     return {"seconds": seconds, "notebook": executed, "figures": json.loads(figures_file.read_text())}
+
+
+# --- library noise in executed notebooks ---------------------------------------------------------
+
+# A progress bar's line ends in tqdm's timing bracket: "[00:03<00:05, 2.1it/s]", "[00:00<?, ?it/s]",
+# "[01:02:03, 4.5s/it]" (unknown total). Warnings and log lines never do.
+_PROGRESS = re.compile(r"\[(?:\d+:)?\d\d:\d\d(?:<(?:(?:\d+:)?\d\d:\d\d|\?))?(?:,[^\]]*)?\]\s*$")
+# On stdout only what looks like a warning is noise (stdout is where notebooks print their results):
+# "FutureWarning: ...", "warnings.warn(", logging's "WARNING", c10's "[W1203 10:11:12.123 file.cpp:9]".
+_NOISY_STDOUT = re.compile(r"\b(?:[A-Z][a-z]+)*Warning\b|\bWARNING\b|\bwarnings\.warn\b|^\[W[\d ]")
+
+
+def _lines(text) -> list[str]:
+    text = "".join(text) if isinstance(text, list) else text
+    return [s.strip() for s in re.split(r"[\r\n]+", text) if s.strip()]  # \r: tqdm redraws a line
+
+
+def output_noise(executed_notebook_path) -> list[str]:
+    """Lines of library noise in an executed notebook's outputs, each as "cell <index>: <line>".
+
+    Noise is every line written to stderr (warnings, logging, C++ messages), except tqdm's progress
+    bars, plus any stdout line that looks like a warning. Error outputs are not noise: a failed
+    cell fails the run."""
+    import nbformat
+    nb = nbformat.read(str(executed_notebook_path), as_version=4)
+    noise = []
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") != "stream":
+                continue
+            for line in _lines(out.get("text", "")):
+                if out.get("name") == "stderr":
+                    noisy = not _PROGRESS.search(line)
+                else:
+                    noisy = bool(_NOISY_STDOUT.search(line))
+                if noisy:
+                    noise.append(f"cell {i}: {line}")
+    return noise

@@ -91,7 +91,11 @@ def add_lora(model, lora_cfg, gradient_checkpointing: bool = False, seed: int = 
     from peft import LoraConfig, get_peft_model
     if gradient_checkpointing:
         # bitsandbytes + LoRA need the reentrant variant (the other one blows memory up).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        # transformers 5 renamed gradient_checkpointing_enable (the old name warns); 4.x has only it.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                           target_modules=list(lora_cfg.target_modules), bias="none",

@@ -31,12 +31,16 @@ VARIANTS = {
 def _trainer(policy, ref, tokenizer, rows, beta, trl_loss, eps):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
+
+    from dpo_lab.dpo.trl_recipe import checkpointing_args
     args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="dpo-lab-trl-"), beta=beta, loss_type=[trl_loss],
                      label_smoothing=eps, per_device_train_batch_size=len(rows), report_to=[],
                      use_cpu=True, max_steps=1, seed=0, disable_tqdm=True,
                      # TRL defaults to bf16, and accelerate then patches the *reference* model's
                      # forward in place with bf16 autocast (on CPU too): compare in fp32.
-                     bf16=False)
+                     bf16=False,
+                     # TRL's default (on), under the name this transformers reads (no FutureWarning)
+                     **checkpointing_args(True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("transformers").setLevel(logging.ERROR)

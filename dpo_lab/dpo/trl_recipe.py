@@ -19,6 +19,7 @@ On CPU, accelerate cannot run FSDP (it silently falls back to DDP), so the CPU p
 single process; the dpo_lab trainer is the one that shards on CPUs.
 """
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -41,6 +42,19 @@ def load_policy(cfg: TrainConfig):
     return model, tok
 
 
+def checkpointing_args(enabled: bool, kwargs: dict | None = None) -> dict:
+    """Activation checkpointing as TrainingArguments fields, under the name this transformers reads:
+    5.x renamed `gradient_checkpointing[_kwargs]` to `activation_checkpointing[_kwargs]` and warns
+    when only the old name is set (TRL's configs set it: default True); 4.x knows only the old."""
+    from transformers import TrainingArguments
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    out = {name: enabled}
+    if kwargs is not None:
+        out[f"{name}_kwargs"] = kwargs
+    return out
+
+
 def trl_args(cfg: TrainConfig, output_dir: str, use_cpu: bool):
     from trl import DPOConfig
     return DPOConfig(
@@ -52,8 +66,7 @@ def trl_args(cfg: TrainConfig, output_dir: str, use_cpu: bool):
         per_device_train_batch_size=cfg.train.micro_batch,
         gradient_accumulation_steps=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
         max_length=cfg.data.max_length, seed=cfg.train.seed, data_seed=cfg.train.seed,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": True},
+        **checkpointing_args(cfg.model.gradient_checkpointing, {"use_reentrant": True}),
         bf16=(cfg.model.dtype == "bfloat16" and not use_cpu), fp16=False, use_cpu=use_cpu,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=False,
         dataloader_num_workers=0, remove_unused_columns=False)

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from dpo_lab.parallel.zero import all_gather_single, reduce_scatter_single
+
 
 class _Unit:
     """The parameters of one module (not those of nested units), flattened and sharded."""
@@ -49,7 +51,7 @@ class _Unit:
         n = self.fsdp.world_size
         send = self.shard.detach().to(self.compute_dtype or self.shard.dtype)
         out = torch.empty(n * self.k, dtype=send.dtype, device=send.device)
-        dist.all_gather_into_tensor(out, send)
+        all_gather_single(out, send)
         self.fsdp.bytes_sent += (n - 1) * self.k * send.element_size()
         return out
 
@@ -59,7 +61,7 @@ class _Unit:
         grad = grad.div_(n).contiguous()
         out = torch.empty(self.k, dtype=grad.dtype, device=grad.device)
         self.fsdp.bytes_sent += (n - 1) * self.k * grad.element_size()
-        work = dist.reduce_scatter_tensor(out, grad, async_op=True)
+        work = reduce_scatter_single(out, grad, async_op=True)
         self.fsdp.pending.append((self, work, out, grad))
 
     # ---- forward hooks
@@ -197,7 +199,7 @@ class FullyShardedDataParallel(nn.Module):
         for unit in self.units:
             n, k = self.world_size, unit.k
             full = torch.empty(n * k, dtype=unit.shard.dtype, device=unit.shard.device)
-            dist.all_gather_into_tensor(full, unit.shard.detach())
+            all_gather_single(full, unit.shard.detach())
             offset = 0
             for (name, p, _), numel in zip(unit.params, unit.numels):
                 out[name] = full[offset:offset + numel].view(p.shape).clone()

@@ -25,6 +25,12 @@ import torch.nn as nn
 
 from dpo_lab.parallel.data_parallel import second_gradient_error, unique_trainable
 
+# torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (a FutureWarning per call)
+# in favour of the *_single names, which older torch (the floor is 2.6) lacks: same collectives,
+# same arguments; the new name wherever it exists.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def shard_range(numel: int, rank: int, world_size: int) -> tuple[int, int, int]:
     """(lo, hi, k): rank's piece [lo, hi) of a flattened tensor cut into pieces of k elements."""
@@ -95,7 +101,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         full = padded(p.grad.reshape(-1), k * self.world_size).div_(self.world_size)
         out = torch.empty(k, dtype=full.dtype, device=full.device)
         self.bytes_sent += (self.world_size - 1) * k * full.element_size()
-        self.pending.append((i, dist.reduce_scatter_tensor(out, full, async_op=True), out, full))
+        self.pending.append((i, reduce_scatter_single(out, full, async_op=True), out, full))
         p.grad = None  # the full gradient is not kept: only our piece of it
 
     def finish_gradient_synchronization(self) -> None:
@@ -143,7 +149,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return
         send = torch.cat([padded(s.detach().reshape(-1), k) for s, (_, _, k) in zip(self.shards, self.ranges)])
         recv = torch.empty(self.world_size * send.numel(), dtype=send.dtype, device=send.device)
-        dist.all_gather_into_tensor(recv, send)
+        all_gather_single(recv, send)
         self.bytes_sent += (self.world_size - 1) * send.numel() * send.element_size()
         pieces = recv.view(self.world_size, -1)
         offset = 0
