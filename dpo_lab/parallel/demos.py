@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from dpo_lab.parallel.collectives import naive_all_reduce, ring_all_reduce
 from dpo_lab.parallel.launch import rank_device
+from dpo_lab.parallel.zero import all_gather_single, reduce_scatter_single
 
 
 def collectives_tour(numel: int = 4) -> dict:
@@ -22,8 +23,8 @@ def collectives_tour(numel: int = 4) -> dict:
     x = base(); before = x.tolist(); dist.reduce(x, dst=0)
     out["reduce"] = (before, x.tolist() if r == 0 else [])  # only dst's result is defined
     x = base(); before = x.tolist(); dist.all_reduce(x); out["all_reduce"] = (before, x.tolist())
-    x = base(1); y = torch.empty(n, device=dev); dist.all_gather_into_tensor(y, x); out["all_gather"] = (x.tolist(), y.tolist())
-    x = base(n); y = torch.empty(1, device=dev); dist.reduce_scatter_tensor(y, x); out["reduce_scatter"] = (x.tolist(), y.tolist())
+    x = base(1); y = torch.empty(n, device=dev); all_gather_single(y, x); out["all_gather"] = (x.tolist(), y.tolist())
+    x = base(n); y = torch.empty(1, device=dev); reduce_scatter_single(y, x); out["reduce_scatter"] = (x.tolist(), y.tolist())
     x = base(n); y = torch.empty(n, device=dev); dist.all_to_all_single(y, x); out["all_to_all"] = (x.tolist(), y.tolist())
     # send/recv: every rank passes its tensor to the right neighbour around a ring.
     x = base(); y = x.clone()  # one rank: it is its own neighbour, nothing to send
