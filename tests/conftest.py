@@ -16,7 +16,7 @@ def run_nb():
     """run_nb(name) executes a notebook once per session (smoke profile) and returns
     {'seconds', 'notebook', 'figures'}; the executed copy stays in build/test/notebooks/."""
     from dpo_lab.quotes import check_smoke
-    from dpo_lab.workbook import run_notebook
+    from dpo_lab.workbook import output_noise, run_notebook
     done = {}
 
     def _run(name):
@@ -25,6 +25,8 @@ def run_nb():
             # The numbers that lessons quote from this notebook's smoke run must still be what it gives.
             wrong = check_smoke(name, done[name]["figures"])
             assert not wrong, "lessons quote numbers the smoke run no longer gives:\n" + "\n".join(wrong)
+            noise = output_noise(done[name]["notebook"])
+            assert not noise, f"{name} printed library noise (fix the cause, or filter it narrowly):\n" + "\n".join(noise)
         return done[name]
     return _run
 
@@ -37,13 +39,16 @@ def run_student_nb():
     """run_student_nb(name) writes the notebook's student version (solutions replaced by stubs),
     executes it (smoke profile) and returns its figures; outputs stay in build/test-student/."""
     from dpo_lab.exercises.student import write_student_versions
-    from dpo_lab.workbook import run_notebook
+    from dpo_lab.workbook import output_noise, run_notebook
     done = {}
 
     def _run(name):
         if name not in done:
             write_student_versions([name], STUDENT_OUT / "src")
-            done[name] = run_notebook(name, "smoke", STUDENT_OUT, source_dir=STUDENT_OUT / "src")["figures"]
+            res = run_notebook(name, "smoke", STUDENT_OUT, source_dir=STUDENT_OUT / "src")
+            noise = output_noise(res["notebook"])
+            assert not noise, f"the student version of {name} printed library noise:\n" + "\n".join(noise)
+            done[name] = res["figures"]
         return done[name]
     return _run
 
