@@ -79,7 +79,8 @@ def test_two_ranks_shard_train_log_and_save_a_peft_adapter(tmp_path):
     logged = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(logged) == 4
     for key in ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected",
-                "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+                "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+                "logits/chosen", "logits/rejected"):
         assert key in logged[-1]
     # the adapter is PEFT-format and is exactly what was trained
     model, tok = load_with_adapter(cfg, res["adapter_dir"])

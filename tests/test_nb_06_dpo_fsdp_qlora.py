@@ -52,3 +52,13 @@ def test_every_exercise_passes(fig):
 
 def test_student_version_runs_and_every_check_says_not_implemented_yet(run_student_nb):
     assert_every_check_says_not_implemented_yet(run_student_nb("06_dpo_fsdp_qlora"))
+
+
+def test_steps_1_and_2_log_the_reference(fig):
+    # strict `>` as TRL: all-tied margins give 0.0, not 0.5; warm-up's first lr is 0, so step 2 is unchanged
+    assert fig["accuracy_step1"] == 0.0
+    assert fig["learning_rate_step1"] == 0.0
+    assert fig["loss_step2"] == pytest.approx(math.log(2), abs=1e-7)
+    assert fig["first_step_off_reference"] == 3
+    assert fig["accuracy_first_step_off_reference"] > 0.5
+    assert fig["learning_rate_max"] == pytest.approx(2e-3)  # the smoke profile's peak rate

@@ -52,7 +52,32 @@ def test_first_batch_loss_equals_dpo_lab(setup):
     ours = dpo_metrics(*dpo_step_terms(model, ours_batch, cfg))
     for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-4), key
+    for key in ("logits/chosen", "logits/rejected"):  # TRL's definition, TRL's code
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+    # step 1: policy == reference, every margin ties at 0 and TRL's strict `>` counts none right
+    assert ours["rewards/accuracies"] == theirs["rewards/accuracies"] == 0.0
     assert ours["logps/chosen"] > ours["logps/rejected"] + 1  # a real batch, not a degenerate one
+
+
+def test_logits_metrics_equal_trls_on_unequal_lengths(setup, tmp_path):
+    """TRL's `logits/chosen` is a token-weighted mean over the batch's completion tokens; with
+    completions of different lengths a per-sequence mean, a wrong shift or swapped halves differ."""
+    from dpo_lab.dpo.batching import collate, encode_rows
+    from dpo_lab.dpo.loss import dpo_metrics
+    from dpo_lab.dpo.qlora import add_lora, load_quantized
+    from dpo_lab.dpo.trainer import dpo_step_terms
+    from dpo_lab.dpo.trl_recipe import build_trainer, first_batch
+    cfg, rows, _ = setup
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"] + "0" * i, "rejected": r["rejected"][:1]}
+            for i, r in enumerate(rows[:6])]
+    theirs = first_batch(build_trainer(cfg, str(tmp_path), rows=rows, use_cpu=True), len(rows))
+    model, tok = load_quantized(cfg.model, cfg.quant)
+    model = add_lora(model, cfg.lora, seed=cfg.train.seed)
+    batch = collate(encode_rows(tok, rows), tok.pad_token_id, cfg.data.max_length)
+    assert len(set(batch["loss_mask"].sum(1).tolist())) > 2  # lengths really differ
+    ours = dpo_metrics(*dpo_step_terms(model, batch, cfg))
+    for key in ("logits/chosen", "logits/rejected", "logps/chosen", "logps/rejected"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
 
 
 @pytest.mark.distributed
@@ -63,6 +88,7 @@ def test_training_losses_equal_dpo_lab_trainer(setup):
 
     from dpo_lab.dpo.trainer import run
     cfg, _, trainer = setup
+    trainer._metrics["train"].clear()  # else first_batch's metrics are averaged into step 1's log
     trainer.train()
     trl = [h for h in trainer.state.log_history if "loss" in h]
     ours = run(replace(cfg, dpo=replace(cfg.dpo, precompute_ref=True)), nproc=1, timeout=300)["history"]
@@ -72,6 +98,10 @@ def test_training_losses_equal_dpo_lab_trainer(setup):
     for a, b in zip(trl, ours):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
+        for key in ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+            assert b[key] == pytest.approx(a[key], abs=1e-3), key  # the trainer's own aggregation
+    assert ours[0]["rewards/accuracies"] == trl[0]["rewards/accuracies"] == 0.0  # ties at step 1
+    assert ours[1]["rewards/accuracies"] > 0  # after one update the adapters rank pairs
     assert ours[-1]["loss"] < ours[0]["loss"] - 0.02
 
 

@@ -81,10 +81,25 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return losses, chosen_rewards, rejected_rewards
 
 
-def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict:
-    """Batch means under TRL's metric names, so TRL users can read our logs."""
+def completion_logit_sums(logits: torch.Tensor, loss_mask: torch.Tensor):
+    """Per sequence: the sum over completion tokens of each token's mean-over-vocabulary logit, and
+    the number of those tokens (same shift as `sequence_logps`). TRL's `logits/chosen` is the
+    batch's token-weighted mean, sum of sums / sum of counts, so ranks and micro-batches add up."""
+    mean_logit = logits[:, :-1].detach().float().mean(-1)
+    mask = loss_mask[:, 1:].to(mean_logit.dtype)
+    return (mean_logit * mask).sum(-1), mask.sum(-1)
+
+
+def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected,
+                logit_sums=None) -> dict:
+    """Batch means under TRL's metric names, so TRL users can read our logs.
+
+    `rewards/accuracies` counts margins strictly above 0 (TRL's `>`): a tie, e.g. every pair at
+    step 1 when the policy equals the reference, counts as wrong, so step 1 logs 0.0, not 0.5.
+    `logit_sums`: `completion_logit_sums` of the [chosen; rejected] rows, for `logits/*`.
+    """
     margins = chosen_rewards - rejected_rewards
-    return {
+    out = {
         "loss": losses.mean().item(),
         "rewards/chosen": chosen_rewards.mean().item(),
         "rewards/rejected": rejected_rewards.mean().item(),
@@ -93,6 +108,11 @@ def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_
         "logps/chosen": policy_chosen.detach().mean().item(),
         "logps/rejected": policy_rejected.detach().mean().item(),
     }
+    if logit_sums is not None:
+        (sum_c, sum_r), (n_c, n_r) = (t.chunk(2) for t in logit_sums)
+        out["logits/chosen"] = (sum_c.sum() / n_c.sum().clamp(min=1)).item()
+        out["logits/rejected"] = (sum_r.sum() / n_r.sum().clamp(min=1)).item()
+    return out
 
 
 def gradient_weight(delta: torch.Tensor, beta: float) -> torch.Tensor:

@@ -61,10 +61,21 @@ def build_policy(cfg: TrainConfig, device):
     return shard(model, mesh, cfg.fsdp), tok
 
 
+def policy_forward(model, batch):
+    """`concatenated_forward` that also keeps the logit sums behind TRL's `logits/*` metrics."""
+    from dpo_lab.dpo.loss import completion_logit_sums, sequence_logps
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits.float()
+    pc, pr = sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).chunk(2)
+    return pc, pr, completion_logit_sums(logits, batch["loss_mask"])
+
+
 def dpo_step_terms(model, batch, cfg: TrainConfig, ref=None):
-    """Policy + reference log-probs of one micro-batch and the per-pair DPO terms."""
+    """Policy + reference log-probs of one micro-batch and the per-pair DPO terms:
+    (losses, chosen rewards, rejected rewards, policy chosen, policy rejected, logit sums),
+    the arguments of `dpo_metrics`."""
     from dpo_lab.dpo.loss import dpo_loss
-    pc, pr = concatenated_forward(model, batch)
+    pc, pr, logit_sums = policy_forward(model, batch)
     if ref is None:
         ref = reference_logps(model, batch)
     lengths = {}
@@ -73,7 +84,7 @@ def dpo_step_terms(model, batch, cfg: TrainConfig, ref=None):
         lengths = {"chosen_lengths": n[0], "rejected_lengths": n[1]}
     losses, cr, rr = dpo_loss(pc, pr, ref[0], ref[1], beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
                               label_smoothing=cfg.dpo.label_smoothing, **lengths)
-    return losses, cr, rr, pc, pr
+    return losses, cr, rr, pc, pr, logit_sums
 
 
 @torch.no_grad()
@@ -83,11 +94,14 @@ def reference_logps(model, batch):
         return concatenated_forward(model, batch)
 
 
-def _sums(losses, cr, rr, pc, pr) -> torch.Tensor:
-    """Per-micro-batch sums of every logged metric (averaged over the global batch later)."""
+def _sums(losses, cr, rr, pc, pr, logit_sums) -> torch.Tensor:
+    """Per-micro-batch sums of every logged metric (averaged over the global batch later):
+    the METRICS, the pair count, then logit sum and token count of chosen and of rejected."""
+    (sum_c, sum_r), (n_c, n_r) = (t.chunk(2) for t in logit_sums)
     return torch.stack([losses.detach().sum(), cr.sum(), rr.sum(), (cr - rr).sum(),
                         (cr > rr).float().sum(), pc.detach().sum(), pr.detach().sum(),
-                        torch.tensor(float(len(losses)), device=losses.device)]).double().cpu()
+                        torch.tensor(float(len(losses)), device=losses.device),
+                        sum_c.sum(), n_c.sum(), sum_r.sum(), n_r.sum()]).double().cpu()
 
 
 def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
@@ -210,7 +224,7 @@ def train_rank(cfg_dict: dict) -> dict:
     end = min(steps, cfg.debug.stop_after or steps)
     for step in range(start, end):
         t0 = time.perf_counter()
-        sums = torch.zeros(8, dtype=torch.float64)
+        sums = torch.zeros(12, dtype=torch.float64)
         tokens = 0
         for j, batch in enumerate(micro_batches(step)):
             if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter on the last micro only
@@ -229,7 +243,9 @@ def train_rank(cfg_dict: dict) -> dict:
         sums = _all_reduce(torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64)]), device)
         n = sums[7].item()
         rec = {"step": step + 1, **{k: sums[i].item() / n for i, k in enumerate(METRICS)},
-               "grad_norm": float(grad_norm), "learning_rate": lr, "tokens": int(sums[8].item()),
+               "logits/chosen": sums[8].item() / max(sums[9].item(), 1),
+               "logits/rejected": sums[10].item() / max(sums[11].item(), 1),
+               "grad_norm": float(grad_norm), "learning_rate": lr, "tokens": int(sums[12].item()),
                "seconds": time.perf_counter() - t0}
         tokens_run += rec["tokens"]
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < end:

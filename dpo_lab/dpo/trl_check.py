@@ -14,10 +14,10 @@ import warnings
 
 import torch
 
-from dpo_lab.dpo.loss import dpo_loss, dpo_metrics, sequence_logps
+from dpo_lab.dpo.loss import completion_logit_sums, dpo_loss, dpo_metrics, sequence_logps
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected")
+           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
 # our name -> (TRL loss_type, label smoothing, pair-by-pair)
 VARIANTS = {
     "sigmoid": ("sigmoid", 0.0, False),
@@ -58,18 +58,19 @@ def _trl_loss_and_metrics(trainer, batch):
 
 def _ours(policy, ref, batch, beta, loss_type, eps):
     ids, attn, cmask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    logps = sequence_logps(policy(input_ids=ids, attention_mask=attn).logits, ids, cmask)
+    logits = policy(input_ids=ids, attention_mask=attn).logits
+    logps = sequence_logps(logits, ids, cmask)
     with torch.no_grad():
         ref_logps = sequence_logps(ref(input_ids=ids, attention_mask=attn).logits, ids, cmask)
     pc, pr = logps.chunk(2)
     rc, rr = ref_logps.chunk(2)
     lc, lr = cmask.sum(1).chunk(2)
     losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta, loss_type, eps, chosen_lengths=lc, rejected_lengths=lr)
-    return dpo_metrics(losses, cr, rj, pc, pr)
+    return dpo_metrics(losses, cr, rj, pc, pr, completion_logit_sums(logits, cmask))
 
 
 def compare_with_trl(policy, ref, tokenizer, rows, beta: float = 0.1, variants=tuple(VARIANTS)) -> dict:
-    """{variant: {"loss": max |ours − TRL| of the loss, "metrics": of the six metrics}} on one batch."""
+    """{variant: {"loss": max |ours − TRL| of the loss, "metrics": of the METRICS}} on one batch."""
     policy.train(), ref.eval()
     diffs = {}
     for name in variants:
