@@ -54,13 +54,10 @@ def run_student_nb():
 
 
 
-# Test files stay on one xdist worker (notebooks run once, module fixtures are shared), except the
-# files listed here, whose tests are independent and many: their tests spread over the workers.
-SPREAD = {"tests.test_exercises"}
 
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__ if item.module else item.nodeid.split("::")[0]
-        if module not in SPREAD:
-            item.add_marker(pytest.mark.xdist_group(module))
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker more than the cores we may use. Much of the suite waits rather than
+    computes (ranks starting, padded pipeline steps, a deadlocked student solution running into its
+    time limit), so a spare worker keeps the cores busy."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores + 1

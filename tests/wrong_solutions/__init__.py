@@ -12,3 +12,15 @@ def wrong(id: str, diagnosis: str):
         WRONG.append((id, diagnosis, fn))
         return fn
     return register
+
+
+def cases(notebooks):
+    """(id, diagnosis, function) of the wrong solutions of the given notebooks ("04", ...), imported on demand."""
+    import importlib
+    for nb in notebooks:
+        importlib.import_module(f"tests.wrong_solutions.nb{nb}")
+    return [c for c in WRONG if c[0].split(".")[0] in notebooks]
+
+
+def case_id(case) -> str:
+    return f"{case[0]}-{case[2].__name__}"
