@@ -21,7 +21,7 @@ import torch.distributed as dist
 from dpo_lab.exercises import Wrong, exercise, expect_close, scale_factor
 
 WORLD_SIZES = (2, 3)
-STUCK_S = 20       # a ring over a few floats takes milliseconds: still blocked after this = deadlock
+STUCK_S = 10       # a ring over a few floats takes milliseconds: still blocked after 10 s = deadlock
 LAUNCH_S = 120     # the launcher's hang guard, behind STUCK_S
 BASE = 4           # labels BASE**(q·n + c) are exact in float32 for n ≤ 3 (4**9 < 2**24)
 
