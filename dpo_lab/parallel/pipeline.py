@@ -263,13 +263,21 @@ def gather_runs(per_rank: list[list[dict]]) -> list[dict]:
 
 def plot_timeline(ax, events, p: int, title: str = ""):
     """Gantt chart of executed events: one row per stage, forwards light, backwards dark,
-    labelled with the micro-batch (and chunk, when interleaved)."""
+    labelled with the micro-batch and one prime per chunk after the first (interleaved)."""
+    from matplotlib.patches import Patch
+
     colors = {("F", 0): "#9ecae1", ("B", 0): "#3182bd", ("F", 1): "#fdd0a2", ("B", 1): "#e6550d"}
+    chunks = set()
     for rank, kind, mb, chunk, start, end in events:
+        chunks.add(chunk)
         ax.barh(rank, end - start, left=start, color=colors[(kind, chunk % 2)], edgecolor="k", lw=0.3)
-        ax.text((start + end) / 2, rank, f"{mb}" if chunk == 0 else f"{mb}'", ha="center", va="center",
-                fontsize=6)
+        ax.text((start + end) / 2, rank, f"{mb}" + "'" * chunk, ha="center", va="center", fontsize=6)
+    v = max(chunks, default=0) + 1
+    names = {1: [""], 2: [", chunk 0", ", chunk 1 (')"]}.get(v, [", even chunks", ", odd chunks"])
+    handles = [Patch(color=colors[(k, c)], label=("forward" if k == "F" else "backward") + name)
+               for c, name in enumerate(names) for k in "FB"]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.005, 0.5))
     ax.set_yticks(range(p), [f"stage {r}" for r in range(p)])
     ax.invert_yaxis()
-    ax.set_xlabel("seconds")
+    ax.set_xlabel("seconds (wall clock)")
     ax.set_title(title, fontsize=9)
