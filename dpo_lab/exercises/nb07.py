@@ -1,6 +1,6 @@
 """Checks of notebook 07's exercises (Megatron's f and g, a column-then-row parallel MLP), on ranks.
 
-Each check runs world sizes 2 and 3 (dpo_lab.exercises.nb04's `run_check`, which also turns a
+Each check runs world sizes 2 and 3 (dpo_lab.exercises.on_ranks's `run_check`, which also turns a
 deadlocked rank into a verdict) and compares the student's operator, forward and backward, with
 what it must equal on every rank: for f and g, sums of the ranks' tensors computed locally from
 their seeds (no collective shared with the code under test); for the MLP, the unsplit `MLP`'s
@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_lab.exercises import Wrong, exercise, expect_close
-from dpo_lab.exercises.nb04 import LAUNCH_S, any_rank, call_on_rank, run_check, verdict_of
+from dpo_lab.exercises.on_ranks import LAUNCH_S, any_rank, call_on_rank, run_check, verdict_of
 
 SHAPE = (3, 4)
 
