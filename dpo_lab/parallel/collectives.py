@@ -161,13 +161,15 @@ def show_collective(ax_before, ax_after, name: str, before: list, after: list) -
         for i, r in enumerate(rows):
             if len(r):
                 grid[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
-        ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
+        im = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
         for i, r in enumerate(rows):
-            for j, v in enumerate(r):
-                ax.text(j, i, f"{v:g}", ha="center", va="center", color="white", fontsize=8)
+            for j, v in enumerate(r):  # dark text on the light (yellow) end of viridis, white elsewhere
+                light = im.norm(v) > 0.6
+                ax.text(j, i, f"{v:g}", ha="center", va="center", color="black" if light else "white", fontsize=8)
         ax.set_yticks(range(len(rows)), [f"rank {i}" for i in range(len(rows))])
         ax.set_xticks([])
-        ax.set_title(f"{name}: {when}", fontsize=9)
+        blank = " (blank: not defined there)" if when == "after" and any(not len(r) for r in rows) else ""
+        ax.set_title(f"{name}: {when}{blank}", fontsize=9)
 
 
 def recursive_doubling_time(size_bytes: float, n: int, alpha: float, beta: float) -> float:
