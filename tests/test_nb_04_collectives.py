@@ -18,8 +18,15 @@ def test_collectives_notebook(run_nb):
     for key in ("ring_vs_native_busbw_ratio", "native_busbw_16MiB_GBps", "native_beta_GBps",
                 "ring_beta_GBps"):
         assert 0 < f[key] < math.inf, key
-    for key in ("native_alpha_us", "ring_alpha_us", "fit_max_rel_error"):
+    for key in ("native_alpha_us", "ring_alpha_us", "fit_max_rel_error", "native_alpha_se_us",
+                "ring_alpha_se_us", "native_beta_se_GBps", "ring_beta_se_GBps"):
         assert 0 <= f[key] < math.inf, key
+    for key in ("doubling_over_ring_time_1KiB", "doubling_crossover_model_MiB"):
+        assert 0 < f[key] < math.inf, key
+    # The fit uses every repetition: at least 2 per size, 6 sizes.
+    assert f["fit_points"] >= 12
+    # The model's prediction at 1 KiB, 4 ranks: (2α + 2S/β) / (6α + 1.5S/β), a third when α dominates.
+    assert 1 / 3 <= f["doubling_over_ring_model_1KiB"] < 0.5
 
 
 @pytest.mark.notebook

@@ -8,7 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dpo_lab.parallel.collectives import naive_all_reduce, ring_all_reduce
+from dpo_lab.parallel.collectives import naive_all_reduce, recursive_doubling_all_reduce, ring_all_reduce
 from dpo_lab.parallel.launch import rank_device
 from dpo_lab.parallel.zero import all_gather_single, reduce_scatter_single
 
@@ -44,7 +44,7 @@ def check_all_reduce(numels, seed: int = 0) -> dict:
     for numel in numels:
         x = torch.randn(numel, generator=g).to(rank_device())
         ref = x.clone(); dist.all_reduce(ref)
-        for name, fn in (("naive", naive_all_reduce), ("ring", ring_all_reduce)):
+        for name, fn in HAND_WRITTEN.items():
             y = x.clone()
             sent = fn(y)
             out[(name, numel)] = {"max_abs_diff": (y - ref).abs().max().item() if numel else 0.0,
@@ -56,8 +56,9 @@ def _native_all_reduce(t):
     dist.all_reduce(t)
 
 
+HAND_WRITTEN = {"naive": naive_all_reduce, "ring": ring_all_reduce, "doubling": recursive_doubling_all_reduce}
 # Looked up at call time, so a test can slow one rank's variant down.
-VARIANTS = {"native": _native_all_reduce, "ring": ring_all_reduce, "naive": naive_all_reduce}
+VARIANTS = {"native": _native_all_reduce, **HAND_WRITTEN}
 
 
 def _max_over_ranks(value: float, dev) -> float:
@@ -66,13 +67,24 @@ def _max_over_ranks(value: float, dev) -> float:
     return t.item()
 
 
-def time_all_reduce(sizes_bytes, variants=("native", "ring"), repeat: int = 5, warmup: int = 1,
-                    budget_s: float = 1.0) -> dict:
-    """Median seconds of one all-reduce of `size` bytes of fp32, per (variant, size).
+def _max_over_ranks_each(values: list, dev) -> list:
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
-    `native` is the backend's own all_reduce (gloo or nccl). Each repetition starts after a
-    barrier; a size stops repeating once the slowest rank has used `budget_s` (big messages are
-    slow on CPU), after at least 2 and at most `repeat` repetitions."""
+
+def time_all_reduce(sizes_bytes, variants=("native", "ring"), repeat: int = 5, warmup: int = 1,
+                    budget_s: float = 1.0, samples: bool = False) -> dict:
+    """Median seconds of one all-reduce of `size` bytes of fp32, per (variant, size); with
+    `samples=True` every repetition's time instead (a list, for error bars).
+
+    `native` is the backend's own all_reduce (gloo or nccl). A repetition runs every variant once,
+    in turn, each after a barrier: a burst of load from another process then hits all variants
+    alike, so their ratio stays fair on a shared machine (timing variant after variant, a burst
+    lands on one of them). A repetition's time is its slowest rank's (the collective is done when
+    its slowest rank is). A size stops repeating once the slowest rank has used
+    `budget_s` per variant (big messages are slow on CPU), after at least 2 and at most `repeat`
+    repetitions."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown all-reduce variant(s) {unknown}; have {sorted(VARIANTS)}")
@@ -82,27 +94,35 @@ def time_all_reduce(sizes_bytes, variants=("native", "ring"), repeat: int = 5, w
     for size in sizes_bytes:
         x = torch.ones(max(1, size // 4), device=dev)
         for v in variants:
-            fn = VARIANTS[v]
             for _ in range(warmup):
-                fn(x)
-            times, spent = [], 0.0
-            while len(times) < repeat and (spent < budget_s or len(times) < 2):
+                VARIANTS[v](x)
+        per_variant = {v: [] for v in variants}
+        times, spent, reps = [], 0.0, 0
+        while reps < repeat and (spent < budget_s * len(variants) or reps < 2):
+            for v in variants:
+                fn = VARIANTS[v]
                 x.fill_(1.0)
                 sync(); dist.barrier()
                 t0 = time.perf_counter()
                 fn(x); sync()
-                times.append(time.perf_counter() - t0)
-                # The stop decision must be the same on every rank: each rank's own clock would
-                # let one rank leave the loop (for the all_reduce below) while another waits in
-                # the next barrier, and both hang. So every rank uses the slowest rank's total.
-                spent = _max_over_ranks(sum(times), dev)
-            # The collective is done when its slowest rank is done.
-            out[(v, size)] = _max_over_ranks(statistics.median(times), dev)
+                per_variant[v].append(time.perf_counter() - t0)
+                times.append(per_variant[v][-1])
+            reps += 1
+            # The stop decision must be the same on every rank: each rank's own clock would
+            # let one rank leave the loop (for the all_reduce below) while another waits in
+            # the next barrier, and both hang. So every rank uses the slowest rank's total.
+            spent = _max_over_ranks(sum(times), dev)
+        for v in variants:
+            slowest = _max_over_ranks_each(per_variant[v], dev)
+            out[(v, size)] = slowest if samples else statistics.median(slowest)
     return out
 
 
-def lesson04(tour_numel, check_numels, time_sizes, repeat, seed=0, budget_s=1.0) -> dict:
-    """One launch for the notebook: the tour, the correctness checks and the timings."""
+def lesson04(tour_numel, check_numels, time_sizes, repeat, seed=0, budget_s=1.0,
+             variants=("native", "ring", "doubling")) -> dict:
+    """One launch for the notebook: the tour, the correctness checks and the timings (every
+    repetition's, so the notebook can draw error bars)."""
     out = {"tour": collectives_tour(tour_numel), "check": check_all_reduce(check_numels, seed)}
-    out["times"] = time_all_reduce(time_sizes, repeat=repeat, budget_s=budget_s) if time_sizes else {}
+    out["times"] = time_all_reduce(time_sizes, variants, repeat=repeat, budget_s=budget_s,
+                                   samples=True) if time_sizes else {}
     return out
