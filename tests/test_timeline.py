@@ -27,6 +27,7 @@ def every_step(out, mode):
 def test_rank_zero_gathers_every_rank_and_step(timeline):
     assert timeline[1] is None
     out = timeline[0]
+    assert out["one_clock"]  # both ranks on this host: one time axis
     assert len(out["buckets"]) >= 4
     for mode in ("overlap", "after_backward"):
         assert len(out["steps"][mode]) == STEPS and all(len(ranks) == 2 for ranks in out["steps"][mode])

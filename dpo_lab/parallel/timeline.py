@@ -8,11 +8,13 @@ DDP's overlap (Li et al. 2020, *PyTorch Distributed*, VLDB) is that a bucket's a
 launched from the backward hook that completes the bucket, so it runs while autograd computes the
 gradients of earlier layers; mode "after_backward" launches every bucket once backward is done.
 Times are `time.perf_counter_ns()`, on the rank's main thread except "done", which a completion
-callback (`work.get_future().then`) records on the communication thread. Each rank's clock starts
-when it leaves a barrier before the step, so rows of different ranks line up to within the
-barrier's exit skew (tens of microseconds on one machine).
+callback (`work.get_future().then`) records on the communication thread. Ranks on one host share
+that clock (CLOCK_MONOTONIC), so their rows are put on one time axis, starting when the first rank
+left the barrier before the step; ranks on different hosts are each timed from their own barrier
+exit (aligned only to within its skew).
 """
 import re
+import socket
 import time
 
 import torch
@@ -91,15 +93,21 @@ def dp_step_timeline(modes=MODES, steps=3, bucket_mb=0.25, model_cfg=None, batch
             model.finish_gradient_synchronization()
             rec("sync_end")
             model.recorder = None
-            recorded[mode].append(rec.wait())
+            recorded[mode].append((rec.t0, rec.wait()))
     gathered = [None] * n if rank == 0 else None
-    dist.gather_object(recorded, gathered, dst=0)
+    dist.gather_object((socket.gethostname(), recorded), gathered, dst=0)
     if rank:
         return None
-    return {"buckets": buckets,
-            "bucket_layers": [[layer_of(x, n_layers) for x in b] for b in buckets],
-            "steps": {mode: [[gathered[r][mode][s] for r in range(n)] for s in range(steps)]
-                      for mode in modes}}
+    one_host = len({host for host, _ in gathered}) == 1
+    out = {mode: [] for mode in modes}
+    for mode in modes:
+        for s in range(steps):
+            starts = [gathered[r][1][mode][s][0] for r in range(n)]
+            shift = [t0 - min(starts) if one_host else 0 for t0 in starts]
+            out[mode].append([[(k, b, t + shift[r]) for k, b, t in gathered[r][1][mode][s][1]]
+                              for r in range(n)])
+    return {"buckets": buckets, "one_clock": one_host,
+            "bucket_layers": [[layer_of(x, n_layers) for x in b] for b in buckets], "steps": out}
 
 
 def marks(events) -> dict:
@@ -113,33 +121,35 @@ def step_ms(ranks_events) -> float:
 
 
 def plot_timeline(ax, ranks_events, n_buckets: int, title: str = "") -> None:
-    """Gantt chart: per rank a compute row (forward, backward) and a communication row with one
-    lane per bucket (launch -> completed), a tick where the bucket's gradients were ready."""
-    import matplotlib.colors as mcolors
-
+    """Gantt chart: per rank a compute row (forward, backward) and, below it, a communication row
+    with one lane per bucket (bucket 0 on top): a bar from launch to completion, a black tick where
+    the bucket's gradients were all ready, a dashed green mark where the rank's gradients were
+    synchronised."""
     comm = ["tab:orange", "tab:red"]  # alternate, so neighbouring buckets stay apart
+    lane = 1.2 / n_buckets
     yticks, ylabels = [], []
     for r, events in enumerate(ranks_events):
         m = marks(events)
-        y_comp, y_comm = 2 * r + 1.0, 2 * r
-        ax.broken_barh([(m["forward_start"] / 1e6, (m["backward_start"] - m["forward_start"]) / 1e6)],
-                       (y_comp - 0.35, 0.7), color="0.75", label="forward" if r == 0 else None)
-        ax.broken_barh([(m["backward_start"] / 1e6, (m["backward_end"] - m["backward_start"]) / 1e6)],
-                       (y_comp - 0.35, 0.7), color="tab:blue", label="backward" if r == 0 else None)
-        lane = 0.8 / n_buckets
+        base = 2.4 * (len(ranks_events) - 1 - r)  # rank 0 on top
+        y_comp = base + 1.75
+        for kind, (a, b), colour in (("forward", ("forward_start", "backward_start"), "0.75"),
+                                      ("backward", ("backward_start", "backward_end"), "tab:blue")):
+            ax.broken_barh([(m[a] / 1e6, (m[b] - m[a]) / 1e6)], (y_comp - 0.3, 0.6), color=colour,
+                           label=kind if r == 0 else None)
         for b in range(n_buckets):
-            y = y_comm + 0.4 - (b + 1) * lane  # bucket 0 on top
+            y = base + 1.2 - (b + 1) * lane
             start, end = m[("launch", b)] / 1e6, m[("done", b)] / 1e6
-            ax.broken_barh([(start, max(end - start, 1e-3))], (y, lane * 0.9), color=comm[b % 2],
-                           label=f"all-reduce in flight, {'even' if b % 2 == 0 else 'odd'} buckets"
+            ax.broken_barh([(start, max(end - start, 1e-3))], (y + 0.1 * lane, 0.8 * lane), color=comm[b % 2],
+                           label=f"all-reduce in flight (launch to completion), {'even' if b % 2 == 0 else 'odd'} buckets"
                            if r == 0 and b < 2 else None)
-            ax.plot([m[("ready", b)] / 1e6] * 2, [y, y + lane * 0.9], color="k", lw=1,
-                    label="bucket's gradients ready" if r == 0 and b == 0 else None)
-        ax.axvline(m["sync_end"] / 1e6, color=mcolors.to_rgba("tab:green", 0.8), ls="--", lw=1,
-                   label="gradients synchronised" if r == 0 else None)
-        yticks += [y_comm, y_comp]
+            ax.plot([m[("ready", b)] / 1e6] * 2, [y, y + lane], color="k", lw=1.5,
+                    label="bucket's gradients all ready" if r == 0 and b == 0 else None)
+        ax.plot([m["sync_end"] / 1e6] * 2, [base - 0.1, base + 2.15], color="tab:green", ls="--", lw=1.2,
+                label="gradients synchronised" if r == 0 else None)
+        yticks += [base + 0.6, y_comp]
         ylabels += [f"rank {r} all-reduce\n(bucket 0 on top)", f"rank {r} compute"]
     ax.set_yticks(yticks, ylabels, fontsize=8)
+    ax.set_ylim(-0.3, 2.4 * len(ranks_events))
     ax.set_xlabel("time since the step started (ms)")
     ax.set_xlim(left=0)
     if title:
