@@ -127,10 +127,13 @@ class DataParallel(nn.Module):
         if not self.require_sync or self.counted[k]:  # accumulated twice before launch: count once
             return
         self.counted[k] = True
+        if self.recorder is not None and self.ready[i] + 1 == len(self.buckets[i]):
+            self.recorder("ready", i)  # this gradient completes bucket i
+        if not self.overlap:  # the baseline: finish_gradient_synchronization launches every bucket
+            self.ready[i] += 1
+            return
         self.ready[i] += 1
-        if self.ready[i] == len(self.buckets[i]) and self.recorder is not None:
-            self.recorder("ready", i)
-        while self.overlap and self.next_bucket < len(self.buckets) and \
+        while self.next_bucket < len(self.buckets) and \
                 self.ready[self.next_bucket] == len(self.buckets[self.next_bucket]):
             self._launch(self.next_bucket)
 
