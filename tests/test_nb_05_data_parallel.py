@@ -23,6 +23,11 @@ def test_data_parallel_notebook(run_nb):
     for key in ("dp", "zero2", "fsdp"):
         assert f[f"{key}_bytes_ratio_to_theory"] == pytest.approx(1.0, rel=0.01), key
     assert f["fsdp_vs_dp_bytes"] == pytest.approx(1.5, rel=0.01)
+    # The timeline: every all-reduce launched inside backward with overlap, none without (structure,
+    # not durations: tests/test_timeline.py checks the order bucket by bucket).
+    assert f["timeline_buckets"] >= 3
+    assert f["timeline_overlap_launched_in_backward"] == 1.0
+    assert f["timeline_after_backward_launched_in_backward"] == 0.0
 
 
 @pytest.mark.notebook

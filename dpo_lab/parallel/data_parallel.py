@@ -22,6 +22,11 @@ collective of one rank with the k-th of the others, so a rank that used a parame
 not (a branch taken on its data only) must not launch that bucket earlier than they do. A bucket
 waits for the ones before it; `finish_gradient_synchronization()` launches the rest, a parameter
 without a gradient on this rank taking part with zeros.
+
+`overlap=False` is the baseline that overlap is measured against: the hooks only count, and every
+bucket is launched by `finish_gradient_synchronization()`, after backward. `recorder`, when set, is
+called as recorder(kind, bucket) at each bucket's "ready", "launch" and "done" (completion callback
+of the async work); `dpo_lab.parallel.timeline` records and plots them.
 """
 from contextlib import contextmanager
 
@@ -53,15 +58,19 @@ class DataParallel(nn.Module):
     such a parameter keeps `.grad` None, exactly as DDP(find_unused_parameters=True) leaves it."""
 
     def __init__(self, module: nn.Module, bucket_size_mb: float | None = None,
-                 find_unused_parameters: bool = False):
+                 find_unused_parameters: bool = False, overlap: bool = True):
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("DataParallel needs torch.distributed initialised (start ranks with launch)")
         if bucket_size_mb is not None and bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb must be > 0 or None, got {bucket_size_mb}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be True or False, got {overlap!r}")
         self.module = module
         self.world_size = dist.get_world_size()
         self.find_unused_parameters = find_unused_parameters
+        self.overlap = overlap
+        self.recorder = None  # recorder(kind, bucket): see the module docstring
         with torch.no_grad():  # every rank starts from rank 0's weights
             for t in list(module.parameters()) + list(module.buffers()):
                 dist.broadcast(t, src=0)
@@ -118,6 +127,11 @@ class DataParallel(nn.Module):
         if not self.require_sync or self.counted[k]:  # accumulated twice before launch: count once
             return
         self.counted[k] = True
+        if self.recorder is not None and self.ready[i] + 1 == len(self.buckets[i]):
+            self.recorder("ready", i)  # this gradient completes bucket i
+        if not self.overlap:  # the baseline: finish_gradient_synchronization launches every bucket
+            self.ready[i] += 1
+            return
         self.ready[i] += 1
         while self.next_bucket < len(self.buckets) and \
                 self.ready[self.next_bucket] == len(self.buckets[self.next_bucket]):
@@ -140,7 +154,12 @@ class DataParallel(nn.Module):
             flat = torch.cat([p.grad.reshape(-1) for p in bucket]).div_(self.world_size)
             grad = flat
         self.bytes_sent += 2 * (self.world_size - 1) * grad.numel() * grad.element_size() // self.world_size
-        self.pending.append((i, dist.all_reduce(grad, async_op=True), flat))
+        if self.recorder is not None:
+            self.recorder("launch", i)
+        work = dist.all_reduce(grad, async_op=True)
+        if self.recorder is not None:  # runs on the communication thread when the all-reduce completes
+            self.recorder.track(work.get_future().then(lambda _, i=i, rec=self.recorder: rec("done", i)))
+        self.pending.append((i, work, flat))
 
     def finish_gradient_synchronization(self) -> None:
         """Launch the buckets not launched yet, in order, and wait for every all-reduce."""
