@@ -134,7 +134,7 @@ def logits_bytes(seq: int, seqs: int, vocab: int, tp: int = 1, logit_bytes: floa
     computes log-probs (logits → .float() → log_softmax → gather), counted per logit entry:
 
     backward: the fp32 log-softmax kept for backward, its gradient and the logits' gradient: 3 × 4.
-    reference_after (DPO whose reference forward runs after the policy's, as in dpo_lab and TRL):
+    reference_after (DPO whose reference forward runs after the policy's, as in lesson 06's trainer):
       the policy's kept log-softmax (4) while the reference materialises its logits (logit_bytes),
       their fp32 copy (4, none if already fp32) and its log-softmax (4): 14 bytes with bf16 logits.
     The peak is the larger of the two. Megatron's vocabulary-parallel output layer splits V by t."""
