@@ -1,4 +1,6 @@
 """The cost model reproduces published figures and is self-consistent."""
+from dataclasses import replace
+
 import pytest
 
 from dpo_lab.parallel import cost
@@ -77,17 +79,86 @@ def test_step_time_terms_by_hand():
 def test_memory_terms_by_hand():
     m = cost.LLAMA_7B
     plan = cost.Plan(dp=4, tp=2, pp=4, zero_stage=1, micro_batches=8)
-    mem = cost.memory_per_gpu(m, plan, "dpo_full")
+    mem = cost.memory_per_gpu(m, plan, "dpo_full", attention="eager")
     assert mem["reference"] == 2 * 7e9 / 8  # a bf16 copy, split by TP·PP
     # 1F1B: 4 micro-batches in flight on the first stage, 8 layers each, chosen + rejected = 2 sequences
     per_layer = m.seq * 2 * m.hidden * (10 + 24 / 2 + 5 * m.heads * m.seq / (m.hidden * 2))
     assert mem["activations"] == pytest.approx(per_layer * 8 * 4, rel=1e-12)
+    # the last stage (1 micro-batch + logits: 2 sequences × s × V × 14 bytes / t) is the lighter one here
+    logits = 2 * m.seq * m.vocab * 14 / 2
+    assert per_layer * 8 + logits < per_layer * 8 * 4 and mem["logits"] == 0
+    one_stage = cost.memory_per_gpu(m, cost.Plan(dp=4, tp=2, zero_stage=1), "dpo_full", attention="eager")
+    assert one_stage["logits"] == logits and one_stage["activations"] == pytest.approx(per_layer * 32, rel=1e-12)
+    sdpa = cost.memory_per_gpu(m, plan, "dpo_full")  # the default: no s² scores stored
+    assert sdpa["activations"] < mem["activations"]
     assert cost.memory_per_gpu(m, cost.Plan(dp=4, zero_stage=3), "dpo_full")["reference"] == 2 * 7e9 / 4
 
 
 def test_recomputation_costs_one_more_forward():
-    plan, _, t = cost.best_plan(cost.LLAMA_70B, "dpo_full", 64)
-    assert plan.checkpointing  # the fastest plan that fits 70B full DPO on 64 GPUs recomputes
-    plain = cost.step_time(cost.LLAMA_70B, plan, "dpo_full")
+    # with the paper's eager attention, the fastest plan that fits 70B full DPO on 64 GPUs recomputes
+    plan, _, t = cost.best_plan(cost.LLAMA_70B, "dpo_full", 64, attention="eager")
+    assert plan.checkpointing
+    plain = cost.step_time(cost.LLAMA_70B, replace(plan, checkpointing=False), "dpo_full")
     assert t["compute"] == pytest.approx(plain["compute"] * 4 / 3, rel=1e-12)
     assert t["total"] == pytest.approx(t["compute"] + plain["dp_comm"] + plain["tp_comm"], rel=1e-12)
+
+
+def test_sdpa_keeps_no_scores():
+    s, b, h, a = 2048, 2, 4096, 32
+    eager = cost.activation_bytes_per_layer(s, b, h, a)  # the paper's count is the default here
+    assert eager == cost.activation_bytes_per_layer(s, b, h, a, attention="eager")
+    # FlashAttention keeps one fp32 log-sum-exp per query and head (4asb) instead of 5as²b
+    assert cost.activation_bytes_per_layer(s, b, h, a, attention="sdpa") == s * b * h * 34 + 4 * a * s * b
+    assert cost.activation_bytes_per_layer(s, b, h, a, 8, False, "sdpa") == pytest.approx(
+        s * b * h * (10 + 24 / 8) + 4 * a * s * b / 8, rel=1e-12)
+    assert cost.activation_bytes_per_layer(s, b, h, a, 8, True, "sdpa") == pytest.approx(
+        (s * b * h * 34 + 4 * a * s * b) / 8, rel=1e-12)
+    with pytest.raises(ValueError, match="'flash'"):
+        cost.activation_bytes_per_layer(s, b, h, a, attention="flash")
+
+
+def test_logits_bytes_by_hand():
+    # one 7B DPO pair of 2048 tokens, bf16 logits, reference after the policy: 4 + (2 + 4 + 4) bytes
+    assert cost.logits_bytes(2048, 2, 32000, reference_after=True) == 2 * 2048 * 32000 * 14
+    # without a reference pass the backward's three fp32 copies set the peak
+    assert cost.logits_bytes(2048, 1, 32000) == 2048 * 32000 * 12
+    assert cost.logits_bytes(2048, 2, 32000, logit_bytes=4, reference_after=True) == 2 * 2048 * 32000 * 12
+    assert cost.logits_bytes(2048, 2, 32000, tp=8, reference_after=True) == 2 * 2048 * 32000 * 14 / 8
+    with pytest.raises(ValueError, match="vocab"):
+        cost.logits_bytes(2048, 2, 0)
+
+
+def test_tree_and_ring_all_reduce():
+    # 8 ranks, α = 10 µs, β = 100 GB/s: the tree pays 2·log₂8 = 6 latencies and 2S/β
+    assert cost.tree_all_reduce_time(1e9, 8, 1e-5, 1e11) == pytest.approx(6e-5 + 0.02, rel=1e-12)
+    assert cost.tree_all_reduce_time(1e9, 1, 1e-5, 1e11) == 0.0
+    small, large = 1e3, 1e9
+    assert cost.all_reduce_time(small, 8, 1e-5, 1e11) == cost.tree_all_reduce_time(small, 8, 1e-5, 1e11)
+    assert cost.all_reduce_time(large, 8, 1e-5, 1e11) == cost.ring_all_reduce_time(large, 8, 1e-5, 1e11)
+
+
+def test_overlap_hides_data_parallel_traffic_only():
+    m, plan = cost.LLAMA_7B, cost.Plan(dp=16, tp=8, pp=1, zero_stage=3, sp=True)
+    t0 = cost.step_time(m, plan, "dpo_full", 64)
+    assert t0["dp_comm_hidden"] == 0 and t0["total"] == pytest.approx(t0["compute"] + t0["dp_comm"] + t0["tp_comm"])
+    half = cost.step_time(m, plan, "dpo_full", 64, overlap=0.5)
+    hidden = 0.5 * min(t0["dp_comm"], t0["compute"])
+    assert half["total"] == pytest.approx(t0["total"] - hidden, rel=1e-12)
+    full = cost.step_time(m, plan, "dpo_full", 64, overlap=1.0)
+    assert full["total"] == pytest.approx(max(t0["compute"], t0["dp_comm"]) + t0["tp_comm"], rel=1e-12)
+    with pytest.raises(ValueError, match="1.5"):
+        cost.step_time(m, plan, "dpo_full", 64, overlap=1.5)
+
+
+def test_rank_plans_fastest_first_and_all_fit():
+    hw = cost.Hardware()
+    ranked = cost.rank_plans(cost.LLAMA_70B, "dpo_full", 64, hw, 128)
+    assert len(ranked) > 5
+    times = [t["total"] for _, _, t in ranked]
+    assert times == sorted(times)
+    assert all(mem["total"] <= 0.9 * hw.memory_bytes and plan.gpus == 64 for plan, mem, _ in ranked)
+    assert not any(plan.dp == 1 and plan.zero_stage for plan, _, _ in ranked)
+    assert cost.best_plan(cost.LLAMA_70B, "dpo_full", 64, hw, 128)[0] == ranked[0][0]
+    # every time is step_time's for that plan (no adjustment made outside it)
+    plan, _, t = ranked[3]
+    assert t == cost.step_time(cost.LLAMA_70B, plan, "dpo_full", 128, hw)

@@ -1,5 +1,8 @@
+import json
+
 import pytest
 
+from dpo_lab.paths import REPO_ROOT
 from tests._exercise_checks import assert_every_check_passes, assert_every_check_says_not_implemented_yet
 
 
@@ -25,6 +28,26 @@ def test_planning_notebook(run_nb):
     for method in ("dpo_qlora", "dpo_full"):
         t = [f[f"tokens_per_s_{method}_{s}_1024gpus"] for s in ("7B", "70B", "405B")]
         assert t[0] > t[1] > t[2] > 0
+    # The output layer's count agrees with the bytes torch allocated (the log-softmax covers T−1 of T = 64
+    # positions: 1/64 short), and fused attention stores less than eager.
+    assert f["logits_measured_mb"] == pytest.approx(f["logits_model_mb"], rel=1.01 / 64)
+    assert f["activations_7b_pair_sdpa_gb"] < f["activations_7b_pair_gb"]
+    # Lesson 06's CPU MFU: its tokens/s (results file) × 6N over the stated peak, far below the assumed 0.4.
+    results = json.loads((REPO_ROOT / "results" / "06_dpo_fsdp_qlora.json").read_text())
+    assert f["cpu_06_tokens_per_s"] == results["figures"]["tokens_per_s"]
+    assert f["cpu_06_mfu"] == pytest.approx(6 * f["tiny_06_params"] * f["cpu_06_tokens_per_s"] / (2 * 32 * 2.6e9))
+    assert 0 < f["cpu_06_mfu"] < 0.1
+    # Step time scales almost as 1/MFU: slower at 6.9% than at 40%, but less than 0.4/0.069 (communication).
+    for key in [k for k in f if k.startswith("slowdown_at_h100_06_mfu_")]:
+        assert 1 < f[key] < 0.4 / 0.069
+    # Runner-ups are ranked fastest first, and hiding communication never makes the winner slower.
+    for case in ("dpo_full_70B_64gpus", "dpo_full_7B_1024gpus"):
+        for o in ("0.0", "0.5", "1.0"):
+            times = [f[f"top{i}_step_s_{case}_overlap{o}"] for i in range(1, 6)]
+            assert times == sorted(times)
+        assert (f[f"top1_step_s_{case}_overlap1.0"] <= f[f"top1_step_s_{case}_overlap0.5"]
+                <= f[f"top1_step_s_{case}_overlap0.0"])
+    assert f["top1_dpo_full_7B_1024gpus_overlap0.0"] == f["plan_dpo_full_7B_1024gpus"]
 
 
 @pytest.mark.notebook

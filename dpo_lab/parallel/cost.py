@@ -4,12 +4,16 @@ Everything here is a formula from the papers named below, written once so that t
 small runs of the lessons can check it and the planning notebook can extrapolate with it:
 
     model_state_bytes(psi, zero_stage, dp)          ZeRO (Rajbhandari et al. 2020), k = 12
-    activation_bytes_per_layer(s, b, h, a, t, sp)   Korthikanti et al. 2022
+    activation_bytes_per_layer(s, b, h, a, t, sp)   Korthikanti et al. 2022 (attention="eager");
+                                                    without the s² scores under SDPA/FlashAttention
+    logits_bytes(s, seqs, V)                        the output layer: logits and fp32 log-softmax
     bubble_fraction(p, m, v)                        GPipe / 1F1B / interleaved 1F1B
-    ring_all_reduce_time(S, n, alpha, beta)         the alpha-beta model
+    ring_all_reduce_time(S, n, alpha, beta)         the alpha-beta model: ring, tree, and the
+    tree_all_reduce_time(S, n, alpha, beta)         faster of the two (what NCCL picks per size)
     memory_per_gpu(model, plan, method)             all of the above for a DPO (or plain) run
-    step_time(model, plan, method, ...)             FLOPs / (GPUs · peak · MFU) + exposed comm
-    best_plan(model, method, gpus)                  the fastest layout that fits
+    step_time(model, plan, method, ..., overlap)    FLOPs / (GPUs · peak · MFU) + exposed comm
+    rank_plans(model, method, gpus)                 every layout that fits, fastest first
+    best_plan(model, method, gpus)                  the first of those
 
 Bytes are bytes (not GiB); 1 GB = 1e9 bytes, as in the ZeRO paper's "7.5B → 120 GB".
 """
@@ -101,16 +105,45 @@ def lora_params(model: ModelConfig, rank: int = 16) -> float:
 
 
 # ---------------------------------------------------------------- activations and the pipeline
+ATTENTION = ("eager", "sdpa")
+
+
 def activation_bytes_per_layer(seq: int, batch: int, hidden: int, heads: int, tp: int = 1,
-                               sp: bool = False) -> float:
+                               sp: bool = False, attention: str = "eager") -> float:
     """Korthikanti et al.: sbh(34 + 5as/h) without parallelism; sbh(10 + 24/t + 5as/(ht)) with TP;
-    (sbh/t)(34 + 5as/h) with TP + SP. 16-bit activations, no recomputation."""
+    (sbh/t)(34 + 5as/h) with TP + SP. 16-bit activations, no recomputation.
+
+    attention="eager" (the paper's count) stores the s×s scores: softmax output, dropout mask and
+    dropout output, 5as²b bytes. attention="sdpa" is a fused kernel (FlashAttention, Dao et al. 2022;
+    torch's scaled_dot_product_attention) that recomputes them in the backward and keeps only one
+    fp32 log-sum-exp per query and head: 4asb bytes instead."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     s, b, h, a, t = seq, batch, hidden, heads, tp
+    scores = 5 * a * s / h if attention == "eager" else 4 * a / h  # per sbh, before the split by t
     if sp:
-        return s * b * h / t * (34 + 5 * a * s / h)
+        return s * b * h / t * (34 + scores)
     if t == 1:
-        return s * b * h * (34 + 5 * a * s / h)
-    return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+        return s * b * h * (34 + scores)
+    return s * b * h * (10 + 24 / t + scores / t)
+
+
+def logits_bytes(seq: int, seqs: int, vocab: int, tp: int = 1, logit_bytes: float = 2,
+                 reference_after: bool = False) -> float:
+    """Peak bytes of the output layer for `seqs` sequences of `seq` tokens, as lesson 06's trainer
+    computes log-probs (logits → .float() → log_softmax → gather), counted per logit entry:
+
+    backward: the fp32 log-softmax kept for backward, its gradient and the logits' gradient: 3 × 4.
+    reference_after (DPO whose reference forward runs after the policy's, as in lesson 06's trainer):
+      the policy's kept log-softmax (4) while the reference materialises its logits (logit_bytes),
+      their fp32 copy (4, none if already fp32) and its log-softmax (4): 14 bytes with bf16 logits.
+    The peak is the larger of the two. Megatron's vocabulary-parallel output layer splits V by t."""
+    if min(seq, seqs, vocab, tp) < 1:
+        raise ValueError(f"seq, seqs, vocab and tp must be >= 1, got {seq}, {seqs}, {vocab}, {tp}")
+    per_entry = 3 * 4
+    if reference_after:
+        per_entry = max(per_entry, 4 + logit_bytes + (4 if logit_bytes < 4 else 0) + 4)
+    return seq * seqs * vocab * per_entry / tp
 
 
 def bubble_ratio(p: int, m: int, v: int = 1) -> float:
@@ -132,6 +165,20 @@ def ring_all_reduce_time(size_bytes: float, n: int, alpha: float, beta: float) -
     if n == 1:
         return 0.0
     return 2 * (n - 1) * alpha + 2 * (n - 1) / n * size_bytes / beta
+
+
+def tree_all_reduce_time(size_bytes: float, n: int, alpha: float, beta: float) -> float:
+    """Pipelined (double) binary tree: reduce up, broadcast down, T = 2⌈log₂n⌉·α + 2·S/β.
+    Latency grows with log n instead of n, bandwidth as the ring's for large n (Sanders, Speck and
+    Träff 2009; NCCL's double binary trees)."""
+    if n == 1:
+        return 0.0
+    return 2 * math.ceil(math.log2(n)) * alpha + 2 * size_bytes / beta
+
+
+def all_reduce_time(size_bytes: float, n: int, alpha: float, beta: float) -> float:
+    """The faster of ring and tree: small messages go by tree (latency), large ones by ring."""
+    return min(ring_all_reduce_time(size_bytes, n, alpha, beta), tree_all_reduce_time(size_bytes, n, alpha, beta))
 
 
 def ring_all_gather_time(size_bytes: float, n: int, alpha: float, beta: float) -> float:
@@ -162,7 +209,7 @@ def trainable_params(model: ModelConfig, method: str, lora_rank: int = 16) -> fl
 
 
 def memory_per_gpu(model: ModelConfig, plan: Plan, method: str = "dpo_full",
-                   lora_rank: int = 16) -> dict:
+                   lora_rank: int = 16, attention: str = "sdpa") -> dict:
     """Bytes per GPU, by component, for `method`:
 
     pretrain   16Ψ of mixed-precision Adam state, sharded by TP·PP and by ZeRO over DP.
@@ -170,6 +217,12 @@ def memory_per_gpu(model: ModelConfig, plan: Plan, method: str = "dpo_full",
                parameters); chosen and rejected run as one batch, so activations are for 2b sequences.
     dpo_qlora  NF4 base (4.127 bits/param, sharded over DP under ZeRO-3 = FSDP+QLoRA), 16 bytes per
                LoRA parameter; the reference is the base with adapters off, so it costs nothing extra.
+
+    Activations follow Korthikanti et al. with `attention` ("sdpa": no stored s² scores, the default,
+    as in lesson 06's run; "eager": the paper's count). The output layer adds `logits_bytes` (with the
+    reference forward after the policy's for DPO) for one micro-batch on the last pipeline stage; with
+    p > 1 stages the reported activations are those of the fuller stage: the first keeps p
+    micro-batches in flight (1F1B), the last one micro-batch plus the logits.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; have {METHODS}")
@@ -187,13 +240,19 @@ def memory_per_gpu(model: ModelConfig, plan: Plan, method: str = "dpo_full",
     seqs = model.micro_batch * (1 if method == "pretrain" else 2)
     layers_here = math.ceil(model.layers / plan.pp)
     in_flight = min(plan.pp, plan.micro_batches)  # 1F1B keeps at most p micro-batches alive
+    full_layer = activation_bytes_per_layer(model.seq, seqs, model.hidden, model.heads, plan.tp, plan.sp,
+                                            attention)
     if plan.checkpointing:  # each layer keeps its input; one layer's full activations recomputed
         per_layer = 2 * model.seq * seqs * model.hidden / (plan.tp if plan.sp else 1)
-        full_layer = activation_bytes_per_layer(model.seq, seqs, model.hidden, model.heads, plan.tp, plan.sp)
-        out["activations"] = per_layer * layers_here * in_flight + full_layer
+        acts = lambda n: per_layer * layers_here * n + full_layer
     else:
-        per_layer = activation_bytes_per_layer(model.seq, seqs, model.hidden, model.heads, plan.tp, plan.sp)
-        out["activations"] = per_layer * layers_here * in_flight
+        acts = lambda n: full_layer * layers_here * n
+    logits = logits_bytes(model.seq, seqs, model.vocab, plan.tp, reference_after=method != "pretrain")
+    first, last = acts(in_flight), acts(1) + logits
+    if plan.pp == 1 or last >= first:  # one stage holds both, or the last stage is the fuller one
+        out["activations"], out["logits"] = acts(1 if plan.pp > 1 else in_flight), logits
+    else:
+        out["activations"], out["logits"] = first, 0.0
     out["total"] = sum(out.values())
     return out
 
@@ -212,14 +271,23 @@ def flops_per_token(model: ModelConfig, method: str = "pretrain") -> float:
 
 
 def step_time(model: ModelConfig, plan: Plan, method: str = "dpo_full", global_batch: int = 512,
-              hw: Hardware = Hardware(), lora_rank: int = 16) -> dict:
+              hw: Hardware = Hardware(), lora_rank: int = 16, overlap: float = 0.0) -> dict:
     """Seconds per optimizer step for `global_batch` sequences (DPO: pairs): compute at `hw.mfu`
-    stretched by the pipeline bubble, plus data-parallel and tensor-parallel communication,
-    counted as exposed (no overlap: an upper bound)."""
+    stretched by the pipeline bubble (and by one more forward under recomputation), plus
+    data-parallel and tensor-parallel communication.
+
+    `overlap` is the fraction of the data-parallel communication hidden behind compute (DDP's bucketed
+    all-reduce during the backward, FSDP's prefetched all-gathers): 0 counts it all (an upper bound),
+    1 hides it up to the compute time. Tensor-parallel all-reduces sit between dependent matmuls, so
+    they stay exposed."""
+    if not 0.0 <= overlap <= 1.0:
+        raise ValueError(f"overlap must be in [0, 1], got {overlap}")
     seqs = global_batch * (1 if method == "pretrain" else 2)
     tokens = seqs * model.seq
     compute = flops_per_token(model, method) * tokens / (plan.gpus * hw.peak_flops * hw.mfu)
     compute *= 1 + bubble_ratio(plan.pp, plan.micro_batches)
+    if plan.checkpointing:  # recomputation costs one more forward: +1/3 of the 3-pass training compute
+        compute *= 4 / 3
     # Ranks of one DP group sit in different nodes once TP·PP fill a node.
     cross_node = plan.gpus > hw.gpus_per_node
     a, b = (hw.inter_alpha, hw.inter_beta) if cross_node else (hw.intra_alpha, hw.intra_beta)
@@ -228,37 +296,44 @@ def step_time(model: ModelConfig, plan: Plan, method: str = "dpo_full", global_b
         gathered = grad_bytes if method != "dpo_qlora" else model.params * NF4_BITS / 8 / (plan.tp * plan.pp)
         dp_comm = 2 * ring_all_gather_time(gathered, plan.dp, a, b) + ring_all_gather_time(grad_bytes, plan.dp, a, b)
     else:
-        dp_comm = ring_all_reduce_time(grad_bytes, plan.dp, a, b)
+        dp_comm = all_reduce_time(grad_bytes, plan.dp, a, b)
     # Megatron TP: 2 all-reduces forward + 2 backward per layer of s·b·h bf16 activations.
     per_rank_seqs = seqs / plan.dp
     act = 2 * model.seq * per_rank_seqs * model.hidden
-    tp_comm = 4 * model.layers / plan.pp * ring_all_reduce_time(act, plan.tp, hw.intra_alpha, hw.intra_beta)
-    total = compute + dp_comm + tp_comm
-    return {"compute": compute, "dp_comm": dp_comm, "tp_comm": tp_comm, "total": total,
-            "tokens_per_s": tokens / total}
+    tp_comm = 4 * model.layers / plan.pp * all_reduce_time(act, plan.tp, hw.intra_alpha, hw.intra_beta)
+    hidden = overlap * min(dp_comm, compute)
+    total = compute + dp_comm - hidden + tp_comm
+    return {"compute": compute, "dp_comm": dp_comm, "dp_comm_hidden": hidden, "tp_comm": tp_comm,
+            "total": total, "tokens_per_s": tokens / total}
 
 
-def best_plan(model: ModelConfig, method: str, gpus: int, hw: Hardware = Hardware(),
-              global_batch: int = 512, lora_rank: int = 16):
-    """Search TP ≤ one node, PP, ZeRO stage and recomputation for the fastest plan that fits in
-    `hw.memory_bytes` (with 10% headroom). Returns (plan, memory dict, time dict) or None."""
-    best = None
+def rank_plans(model: ModelConfig, method: str, gpus: int, hw: Hardware = Hardware(),
+               global_batch: int = 512, lora_rank: int = 16, attention: str = "sdpa",
+               overlap: float = 0.0) -> list:
+    """Every layout of `gpus` GPUs that fits in `hw.memory_bytes` (with 10% headroom), fastest first
+    (ties, e.g. ZeRO-0/1/2 whose traffic is the same, go to the smaller memory): a list of
+    (plan, memory dict, time dict). Tries TP ≤ one node, PP, ZeRO stage and recomputation."""
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    fits = []
     for tp, pp, stage, ckpt in itertools.product((1, 2, 4, 8), (1, 2, 4, 8, 16), (0, 1, 2, 3), (False, True)):
         if tp > hw.gpus_per_node or gpus % (tp * pp) or model.layers < pp:
             continue
         dp = gpus // (tp * pp)
-        if dp * 1 > global_batch:
+        if dp > global_batch or (dp == 1 and stage > 0):  # ZeRO shards nothing over one replica
             continue
         m = max(1, min(global_batch // dp, 4 * pp)) if pp > 1 else 1
         plan = Plan(dp=dp, tp=tp, pp=pp, zero_stage=stage, sp=tp > 1, micro_batches=m, checkpointing=ckpt)
-        mem = memory_per_gpu(model, plan, method, lora_rank)
+        mem = memory_per_gpu(model, plan, method, lora_rank, attention)
         if mem["total"] > 0.9 * hw.memory_bytes:
             continue
-        t = step_time(model, plan, method, global_batch, hw, lora_rank)
-        if ckpt:  # recomputation costs one more forward: +1/3 of the 3-pass training compute
-            t = {**t, "compute": t["compute"] * 4 / 3}
-            t["total"] = t["compute"] + t["dp_comm"] + t["tp_comm"]
-            t["tokens_per_s"] = global_batch * (1 if method == "pretrain" else 2) * model.seq / t["total"]
-        if best is None or t["total"] < best[2]["total"]:
-            best = (plan, mem, t)
-    return best
+        fits.append((plan, mem, step_time(model, plan, method, global_batch, hw, lora_rank, overlap)))
+    return sorted(fits, key=lambda f: (f[2]["total"], f[1]["total"]))
+
+
+def best_plan(model: ModelConfig, method: str, gpus: int, hw: Hardware = Hardware(),
+              global_batch: int = 512, lora_rank: int = 16, attention: str = "sdpa",
+              overlap: float = 0.0):
+    """The fastest plan that fits (`rank_plans`' first): (plan, memory dict, time dict), or None."""
+    ranked = rank_plans(model, method, gpus, hw, global_batch, lora_rank, attention, overlap)
+    return ranked[0] if ranked else None
