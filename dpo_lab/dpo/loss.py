@@ -44,7 +44,8 @@ def sigmoid_loss(delta, beta, label_smoothing=0.0):
     """DPO (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7): −log σ(βΔ).
     ε > 0: conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"),
     −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ). TRL 1.16's `sigmoid` ignores ε (its `aot` at one pair is this)."""
-    return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    eps = label_smoothing
+    return -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
 
 
 def hinge_loss(delta, beta):
@@ -232,7 +233,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
         "sigmoid_norm": lambda: sigmoid_norm_loss(delta_mean, beta),
     }
     losses = sum(w * pick[t]() for t, w in zip(types, weights))
-    return losses, r_w.detach(), r_l.detach()
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
 
 
 def completion_logit_sums(logits: torch.Tensor, loss_mask: torch.Tensor):
