@@ -120,7 +120,9 @@ def no_ranks(monkeypatch):
     ("train.warmup_ratio=1", "train.warmup_ratio: must be less than 1 (got 1)"),
     ("model.gradient_checkpointing=1", "model.gradient_checkpointing: must be true or false (got 1)"),
     ("lora.target_modules=q_proj", "lora.target_modules: must be a list (got 'q_proj')"),
-    ("dpo.loss_type=nope", "dpo.loss_type: must be 'sigmoid', 'ipo', 'hinge' or 'robust' (got 'nope')"),
+    ("dpo.loss_type=nope", "dpo.loss_type: unknown loss type 'nope'; valid: sigmoid, hinge, ipo, exo_pair, "
+                           "nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, "
+                           "discopop, sft, sigmoid_norm (got 'nope')"),
     ("train.learning_rate=1e-4", "train.learning_rate: unknown config key; did you mean train.lr? (got 0.0001)"),
     ("data.source=./no/such/prefs.jsonl", "data.source: no such file: "),
 ])
@@ -129,6 +131,46 @@ def test_cli_names_the_bad_key_and_value_and_exits_2_before_any_rank(no_ranks, c
     assert main(["train", "dpo", "--config", str(TINY), override]) == 2
     out, err = capsys.readouterr()
     assert err.startswith(f"error: {message}") and err.count("\n") == 1 and out == ""
+
+
+def test_loss_zoo_settings_load_and_reach_trl():
+    from dpo_lab.dpo.trl_recipe import trl_args
+    cfg = load_config(TINY, ["dpo.loss_type=['sigmoid','bco_pair','sft']", "dpo.loss_weights=[0.8,0.2,1.0]",
+                             "dpo.ld_alpha=0.5", "dpo.discopop_tau=0.1"])
+    assert cfg.dpo.loss_type == ["sigmoid", "bco_pair", "sft"] and cfg.dpo.loss_weights == [0.8, 0.2, 1.0]
+    args = trl_args(cfg, "/tmp/unused", use_cpu=True)
+    assert (args.loss_type, args.loss_weights, args.ld_alpha, args.discopop_tau) == (
+        ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], 0.5, 0.1)
+    fdiv = load_config(TINY, ["dpo.loss_type=ipo", "dpo.f_divergence_type=alpha_divergence",
+                              "dpo.f_alpha_divergence_coef=0.3"])
+    args = trl_args(fdiv, "/tmp/unused", use_cpu=True)
+    assert (args.loss_type, args.f_divergence_type, args.f_alpha_divergence_coef) == (["ipo"], "alpha_divergence", 0.3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["dpo.loss_type=['sigmoid','kto']"], "dpo.loss_type: unknown loss type 'kto'; valid: sigmoid, hinge"),
+    (["dpo.loss_type=[]"], "dpo.loss_type: must be a loss type or a non-empty list of loss types"),
+    (["dpo.loss_type=['sigmoid','sft']", "dpo.loss_weights=[1.0]"],
+     "dpo.loss_weights: 1 weights for 2 loss types ['sigmoid', 'sft'] (got [1.0])"),
+    (["dpo.f_alpha_divergence_coef=1.5"], "dpo.f_alpha_divergence_coef: must be less than or equal to 1 (got 1.5)"),
+    (["dpo.ld_alpha=-0.1"], "dpo.ld_alpha: must be greater than or equal to 0 (got -0.1)"),
+    (["dpo.f_divergence_type=kl"], "dpo.f_divergence_type: must be 'reverse_kl', 'forward_kl', "),
+    (["dpo.loss_type=nca_pair", "dpo.f_divergence_type=forward_kl"],
+     "dpo.f_divergence_type: f_divergence_type='forward_kl' does not apply to loss type(s) ['nca_pair']"),
+    (["dpo.loss_type=exo_pair"], "dpo.label_smoothing: must be > 0 with loss type exo_pair"),
+    (["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"], "dpo.label_smoothing: none of the loss types ['hinge']"),
+])
+def test_loss_settings_are_checked_together(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_trl_recipe_refuses_what_trl_would_ignore():
+    from dpo_lab.dpo.trl_recipe import trl_args
+    cfg = load_config(TINY, ["dpo.label_smoothing=0.1"])  # conservative DPO: TRL's sigmoid drops ε
+    with pytest.raises(ConfigError, match="dpo.label_smoothing: TRL's sigmoid loss ignores it"):
+        trl_args(cfg, "/tmp/unused", use_cpu=True)
 
 
 def test_cli_bad_value_in_a_subprocess_is_one_line_and_no_traceback():

@@ -28,10 +28,14 @@ RANGES = {
     "train.warmup_ratio": ([1.0, -EPS], [0.0, 1 - EPS]),   # 1: no step after the warm-up
     "lora.dropout": ([1.0, -EPS], [0.0, 1 - EPS]),
     "dpo.label_smoothing": ([0.5, -EPS], [0.0, 0.5 - EPS]),  # robust DPO divides by 1 − 2ε
+    "dpo.f_alpha_divergence_coef": ([-EPS, 1 + EPS], [0.0, 1.0]),  # forward KL .. reverse KL
+    "dpo.ld_alpha": ([-EPS, 1 + EPS], [0.0, 1.0]),  # LD-DPO: tail dropped .. plain DPO
+    "dpo.discopop_tau": ([0.0, -EPS], [EPS]),       # DiscoPOP divides by τ
 }
 INTS = ["data.max_length", "train.seed", *COUNTS, *SWITCHES]
 FLOATS = ["dpo.beta", "train.lr", "train.epochs", "train.max_grad_norm", "train.weight_decay",
-          "train.warmup_ratio", "lora.dropout", "dpo.label_smoothing"]
+          "train.warmup_ratio", "lora.dropout", "dpo.label_smoothing", "dpo.f_alpha_divergence_coef",
+          "dpo.ld_alpha", "dpo.discopop_tau"]
 BOOLS = ["model.gradient_checkpointing", "data.drop_invalid", "quant.load_in_4bit", "quant.double_quant",
          "dpo.precompute_ref", "fsdp.reshard_after_forward", "fsdp.cpu_offload", "checkpoint.resume"]
 

@@ -81,6 +81,33 @@ def test_logits_metrics_equal_trls_on_unequal_lengths(setup, tmp_path):
 
 
 @pytest.mark.distributed
+def test_loss_zoo_settings_reach_both_trainers(setup, tmp_path):
+    """MPO (sigmoid + bco_pair + sft, weighted) with LD-DPO sums, on completions of unequal length:
+    the SFT term must average plain token log-probs, the policy AND reference sums must both be
+    LD-DPO's (else the step-1 margins would not be 0), and the weights must reach both trainers."""
+    import dataclasses
+
+    from dpo_lab.dpo.batching import collate, encode_rows
+    from dpo_lab.dpo.loss import dpo_metrics
+    from dpo_lab.dpo.qlora import add_lora, load_quantized
+    from dpo_lab.dpo.trainer import dpo_step_terms
+    from dpo_lab.dpo.trl_recipe import build_trainer, first_batch
+    base, rows, _ = setup
+    cfg = dataclasses.replace(base, dpo=dataclasses.replace(
+        base.dpo, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], ld_alpha=0.5))
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"] + "0" * i, "rejected": r["rejected"][:1]}
+            for i, r in enumerate(rows[:6])]
+    theirs = first_batch(build_trainer(cfg, str(tmp_path), rows=rows, use_cpu=True), len(rows))
+    model, tok = load_quantized(cfg.model, cfg.quant)
+    model = add_lora(model, cfg.lora, seed=cfg.train.seed)
+    batch = collate(encode_rows(tok, rows), tok.pad_token_id, cfg.data.max_length)
+    ours = dpo_metrics(*dpo_step_terms(model, batch, cfg))
+    for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+    # step 1: sigmoid and bco_pair give ln 2 and 2 ln 2, the rest is the SFT term's NLL
+    assert ours["loss"] - (0.8 + 0.2 * 2) * math.log(2) > 0.1
+
+
 def test_training_losses_equal_dpo_lab_trainer(setup):
     """After real optimizer steps (not only the ln 2 of step 1) the logged losses still agree.
     Ours precomputes the reference log-probs, TRL computes them on the fly: same numbers."""

@@ -20,8 +20,10 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from pydantic.dataclasses import dataclass
 
+from dpo_lab.dpo.fdiv import F_DIVERGENCES, check_f_divergence
+from dpo_lab.dpo.loss import LOSS_TYPES, SMOOTHED
+
 DTYPES = ("float32", "bfloat16", "float16")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 SCHEDULES = ("cosine", "linear", "constant")
 Dtype = Literal[DTYPES]
 
@@ -36,6 +38,17 @@ def _not_bool(v):
     return v
 
 
+def _loss_type(v):
+    """One loss type or a non-empty list of them; an unknown name is listed with the valid ones."""
+    names = [v] if isinstance(v, str) else v
+    if not isinstance(names, list) or not names:
+        raise ValueError("must be a loss type or a non-empty list of loss types")
+    for name in names:
+        if name not in LOSS_TYPES:
+            raise ValueError(f"unknown loss type {name!r}; valid: {', '.join(LOSS_TYPES)}")
+    return v
+
+
 Bool = Annotated[bool, Strict()]
 Int = Annotated[int, Strict()]
 Count = Annotated[int, Strict(), Field(ge=1)]       # >= 1
@@ -43,6 +56,8 @@ Every = Annotated[int, Strict(), Field(ge=0)]       # 0 switches it off
 Float = Annotated[float, BeforeValidator(_not_bool)]
 Positive = Annotated[Float, Field(gt=0)]
 Name = Annotated[str, Strict(), Field(min_length=1)]
+LossType = Annotated[Name | list[Name], BeforeValidator(_loss_type)]
+Fraction = Annotated[Float, Field(ge=0, le=1)]
 SECTION = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -85,8 +100,13 @@ class LoraConfig:
 @dataclass(config=SECTION)
 class DPOConfig:
     beta: Positive = 0.1
-    loss_type: Literal[LOSS_TYPES] = "sigmoid"
-    label_smoothing: Annotated[Float, Field(ge=0, lt=0.5)] = 0.0
+    loss_type: LossType = "sigmoid"  # one of dpo_lab.dpo.loss.LOSS_TYPES, or a list of them to combine
+    loss_weights: list[Annotated[Float, Field(allow_inf_nan=False)]] | None = None  # one per loss type; None: 1 each
+    label_smoothing: Annotated[Float, Field(ge=0, lt=0.5)] = 0.0  # ε of sigmoid (cDPO), robust, exo_pair, aot*
+    f_divergence_type: Literal[F_DIVERGENCES] = "reverse_kl"  # f-DPO's regulariser
+    f_alpha_divergence_coef: Fraction = 0.5                    # α of alpha_divergence (TRL's)
+    ld_alpha: Fraction | None = None  # LD-DPO weight of the longer completion's extra tokens; None: DPO
+    discopop_tau: Positive = 0.05
     precompute_ref: Bool = False     # True: reference log-probs for every planned batch before step 1
 
 
@@ -251,6 +271,24 @@ def apply_override(data: dict, item: str) -> None:
     set_key(data, path, _parse_value(value.strip()))
 
 
+def _check_losses(d: DPOConfig) -> None:
+    """The loss settings that only make sense together."""
+    types = [d.loss_type] if isinstance(d.loss_type, str) else d.loss_type
+    if d.loss_weights is not None and len(d.loss_weights) != len(types):
+        raise ConfigError(f"dpo.loss_weights: {len(d.loss_weights)} weights for {len(types)} loss types "
+                          f"{types} (got {d.loss_weights!r})")
+    try:
+        check_f_divergence(d.f_divergence_type, d.f_alpha_divergence_coef, types)
+    except ValueError as e:
+        raise ConfigError(f"dpo.f_divergence_type: {e} (got {d.f_divergence_type!r})") from None
+    if "exo_pair" in types and d.label_smoothing == 0:
+        raise ConfigError("dpo.label_smoothing: must be > 0 with loss type exo_pair (the EXO paper uses 1e-3) "
+                          "(got 0.0)")
+    if d.label_smoothing > 0 and not set(types) & set(SMOOTHED):  # would be silently ignored
+        raise ConfigError(f"dpo.label_smoothing: none of the loss types {types} reads it (only "
+                          f"{', '.join(SMOOTHED)} do) (got {d.label_smoothing!r})")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks across keys (each key's own type and range were checked when it was built)."""
     from dpo_lab.data import local_path
@@ -268,6 +306,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"fsdp.param_dtype: differs from quant.storage_dtype={q.storage_dtype!r}, so FSDP "
                           f"would cast the packed 4-bit weights; set them equal or leave it null "
                           f"(got {cfg.fsdp.param_dtype!r})")
+    _check_losses(cfg.dpo)
     try:  # a missing local data file is named now, not after the model is built
         local_path(cfg.data.source)
     except OSError as e:

@@ -61,13 +61,16 @@ def build_policy(cfg: TrainConfig, device):
     return shard(model, mesh, cfg.fsdp), tok
 
 
-def policy_forward(model, batch):
-    """`concatenated_forward` that also keeps the logit sums behind TRL's `logits/*` metrics."""
+def policy_forward(model, batch, ld_alpha=None):
+    """`concatenated_forward` that also keeps the logit sums behind TRL's `logits/*` metrics, and the
+    plain chosen sums that the `sft` loss averages (with `ld_alpha` the others are LD-DPO sums)."""
     from dpo_lab.dpo.loss import completion_logit_sums, sequence_logps
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    use_cache=False).logits.float()
-    pc, pr = sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).chunk(2)
-    return pc, pr, completion_logit_sums(logits, batch["loss_mask"])
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    pc, pr = sequence_logps(logits, ids, mask, ld_alpha=ld_alpha).chunk(2)
+    plain_chosen = pc if ld_alpha is None else sequence_logps(logits, ids, mask).chunk(2)[0]
+    return pc, pr, completion_logit_sums(logits, mask), plain_chosen
 
 
 def dpo_step_terms(model, batch, cfg: TrainConfig, ref=None):
@@ -75,23 +78,27 @@ def dpo_step_terms(model, batch, cfg: TrainConfig, ref=None):
     (losses, chosen rewards, rejected rewards, policy chosen, policy rejected, logit sums),
     the arguments of `dpo_metrics`."""
     from dpo_lab.dpo.loss import dpo_loss
-    pc, pr, logit_sums = policy_forward(model, batch)
+    d = cfg.dpo
+    pc, pr, logit_sums, plain_chosen = policy_forward(model, batch, d.ld_alpha)
     if ref is None:
-        ref = reference_logps(model, batch)
-    lengths = {}
-    if cfg.dpo.loss_type == "ipo":  # TRL's IPO uses per-token mean log-ratios
-        n = batch["loss_mask"][:, 1:].sum(-1).chunk(2)
-        lengths = {"chosen_lengths": n[0], "rejected_lengths": n[1]}
-    losses, cr, rr = dpo_loss(pc, pr, ref[0], ref[1], beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
-                              label_smoothing=cfg.dpo.label_smoothing, **lengths)
+        ref = reference_logps(model, batch, d.ld_alpha)
+    # completion lengths: TRL's ipo and sigmoid_norm use per-token means, sft a token mean
+    n_c, n_r = batch["loss_mask"][:, 1:].sum(-1).chunk(2)
+    losses, cr, rr = dpo_loss(pc, pr, ref[0], ref[1], beta=d.beta, loss_type=d.loss_type,
+                              label_smoothing=d.label_smoothing, chosen_lengths=n_c, rejected_lengths=n_r,
+                              loss_weights=d.loss_weights, f_divergence_type=d.f_divergence_type,
+                              f_alpha_divergence_coef=d.f_alpha_divergence_coef, discopop_tau=d.discopop_tau,
+                              sft_chosen_logps=plain_chosen)
     return losses, cr, rr, pc, pr, logit_sums
 
 
 @torch.no_grad()
-def reference_logps(model, batch):
+def reference_logps(model, batch, ld_alpha=None):
     """The reference policy = the same weights with the LoRA adapters switched off."""
     with model.disable_adapter():
-        return concatenated_forward(model, batch)
+        if ld_alpha is None:
+            return concatenated_forward(model, batch)
+        return policy_forward(model, batch, ld_alpha)[:2]  # LD-DPO sums, as the policy's
 
 
 def _sums(losses, cr, rr, pc, pr, logit_sums) -> torch.Tensor:
@@ -203,7 +210,7 @@ def train_rank(cfg_dict: dict) -> dict:
     if cfg.dpo.precompute_ref:  # one pass with adapters off; then training needs no 2nd forward
         for s in range(start, min(steps, cfg.debug.stop_after or steps)):
             for j, b in enumerate(micro_batches(s)):
-                ref_table[(s, j)] = reference_logps(model, b)
+                ref_table[(s, j)] = reference_logps(model, b, cfg.dpo.ld_alpha)
 
     log_file = out / "log.jsonl"
     if rank == 0:

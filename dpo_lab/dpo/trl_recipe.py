@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from dpo_lab.dpo.config import TrainConfig, load_config
+from dpo_lab.dpo.config import ConfigError, TrainConfig, load_config
 from dpo_lab.dpo.qlora import DTYPE, bnb_config, resolve_model
 
 
@@ -57,9 +57,16 @@ def checkpointing_args(enabled: bool, kwargs: dict | None = None) -> dict:
 
 def trl_args(cfg: TrainConfig, output_dir: str, use_cpu: bool):
     from trl import DPOConfig
+    d = cfg.dpo
+    types = [d.loss_type] if isinstance(d.loss_type, str) else list(d.loss_type)
+    if "sigmoid" in types and d.label_smoothing > 0:  # TRL would train plain DPO without a word
+        raise ConfigError(f"dpo.label_smoothing: TRL's sigmoid loss ignores it (conservative DPO is dpo_lab's "
+                          f"only); use loss type robust or label_smoothing 0 with TRL (got {d.label_smoothing!r})")
     return DPOConfig(
-        output_dir=output_dir, beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
-        label_smoothing=cfg.dpo.label_smoothing, precompute_ref_log_probs=cfg.dpo.precompute_ref,
+        output_dir=output_dir, beta=d.beta, loss_type=types, loss_weights=d.loss_weights,
+        label_smoothing=d.label_smoothing, f_divergence_type=d.f_divergence_type,
+        f_alpha_divergence_coef=d.f_alpha_divergence_coef, ld_alpha=d.ld_alpha, discopop_tau=d.discopop_tau,
+        precompute_ref_log_probs=d.precompute_ref,
         learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay,
         lr_scheduler_type=cfg.train.schedule, warmup_steps=cfg.train.warmup_ratio,
         max_steps=cfg.train.max_steps or -1, num_train_epochs=cfg.train.epochs,
