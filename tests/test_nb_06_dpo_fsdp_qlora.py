@@ -62,3 +62,12 @@ def test_steps_1_and_2_log_the_reference(fig):
     assert fig["first_step_off_reference"] == 3
     assert fig["accuracy_first_step_off_reference"] > 0.5
     assert fig["learning_rate_max"] == pytest.approx(2e-3)  # the smoke profile's peak rate
+
+
+def test_the_smoke_run_shows_a_reduced_beta_sweep(fig):
+    """The lesson leads with the full profile's β sweep; the smoke run shows a reduced one."""
+    assert fig["sweep_seeds"] >= 1 and fig["sweep_steps"] >= 1
+    for beta in (0.05, 0.5):
+        for key in ("pref_accuracy", "task_success"):
+            lo, mid, hi = (fig[f"beta_{beta}_{key}{s}"] for s in ("_min", "", "_max"))
+            assert 0.0 <= lo <= mid <= hi <= 1.0, (beta, key, lo, mid, hi)
