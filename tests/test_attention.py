@@ -101,3 +101,29 @@ def test_decode_benchmark_helper_runs():
     from dpo_lab.bench.attention import decode_tokens_per_s
     model = TinyTransformer(32, 32, 1, 4, 2).eval()
     assert decode_tokens_per_s(model, 16, 2, 2, 1, torch.device("cpu")) > 0
+
+
+def test_decode_bytes_per_step_counts_weights_and_cache_passes():
+    model = TinyTransformer(256, 512, 2, 8, 2)  # head_dim 64, MLP hidden 2048
+    b = costs.decode_bytes_per_step(model, context=100, batch=4, cache_passes=3)
+    d, h = 512, 2048
+    block = 2 * d * d + 2 * d * 2 * 64 + (d * h + h) + (h * d + d) + 2 * d   # attn, MLP, 2 norms
+    weights = 2 * block + d + 256 * d + 4 * d   # + final norm, head, the 4 embedding rows looked up
+    cache = 2 * 2 * 2 * 64 * 100 * 4            # K,V · layers · kv heads · head_dim · context · batch
+    assert b == {"weights": weights * 4, "cache": cache * 4, "total": (weights + 3 * cache) * 4}
+
+
+@pytest.mark.parametrize("kv", [8, 4, 2, 1])
+def test_kv_head_map_equals_transformers_repeat_kv(kv):
+    from dpo_lab.arch.attention_twins import hf_kv_head_of_query_head, kv_head_of_query_head
+    assert kv_head_of_query_head(8, kv) == hf_kv_head_of_query_head(8, kv)
+    assert kv_head_of_query_head(8, kv) == [i // (8 // kv) for i in range(8)]
+
+
+def test_decode_timer_returns_one_time_per_repeat_and_names_bad_input():
+    from dpo_lab.bench.attention import decode_seconds_per_token
+    model = TinyTransformer(32, 32, 1, 4, 2).eval()
+    times = decode_seconds_per_token(model, 16, 2, new_tokens=2, repeat=3, device=torch.device("cpu"))
+    assert len(times) == 3 and all(t > 0 for t in times)
+    with pytest.raises(ValueError, match="repeat=0"):
+        decode_seconds_per_token(model, 16, 2, new_tokens=2, repeat=0, device=torch.device("cpu"))

@@ -36,14 +36,30 @@ def test_params_and_flops_per_variant(fig):
     assert fig["params_ratio_mqa_vs_mha"] == pytest.approx((2 + 2 / 32) / 4)
     assert fig["attention_flops_ratio_gqa8_vs_mha"] == 1.0
     assert fig["attention_flops_ratio_mqa_vs_mha"] == 1.0
+    # total = projections 2·params (shrink) + core 4·d·s (stays): d = s = 4096, so core = d²·4
+    assert fig["flops_ratio_gqa8_vs_mha"] == pytest.approx((2 * 2.5 + 4) / 12)
+    assert fig["flops_ratio_mqa_vs_mha"] == pytest.approx((2 * (2 + 2 / 32) + 4) / 12)
     assert fig["kv_bytes_ratio_gqa8_vs_mha"] == pytest.approx(0.25)
     assert fig["kv_bytes_ratio_mqa_vs_mha"] == pytest.approx(1 / 32)
+
+
+def test_query_heads_read_the_kv_head_repeat_kv_gives_them(fig):
+    assert fig["kv_head_map_mismatches_vs_repeat_kv"] == 0
 
 
 def test_decode_speedup_is_reported(fig):
     # Wall-clock speed depends on the machine's load: reported, never held to a bound. What makes
     # MQA faster, fewer KV bytes read per token (kv_bytes_ratio_*), is asserted above.
-    assert 0 < fig["decode_speedup_mqa_vs_mha_longest_context"] < float("inf")
+    for k in ("gqa2", "mqa"):
+        assert 0 < fig[f"decode_speedup_{k}_vs_mha_longest_context"] < float("inf")
+    assert fig["decode_spread_max"] >= 0
+
+
+def test_decode_bytes_model(fig):
+    # every step also reads the weights, the same for all variants: the predicted speed-up stays
+    # below the KV-cache ratio (4× GQA-2, 8× MQA); exact values in tests/test_attention.py
+    assert 1 < fig["decode_predicted_speedup_gqa2_longest_context"] < 4
+    assert fig["decode_predicted_speedup_gqa2_longest_context"] < fig["decode_predicted_speedup_mqa_longest_context"] < 8
 
 
 def test_uptraining(fig):
@@ -56,6 +72,9 @@ def test_uptraining(fig):
         assert converted > mha + 1.0         # pooling K/V heads hurts at first...
         assert up < 0.5 * converted          # ...brief training recovers most of it...
         assert up < scratch - 0.5            # ...far better than the same steps from scratch
+        # the equal-compute control trained for pre-training + uptraining steps, and learned to copy
+        assert fig[f"uptrain_kv{kv}_scratch_equal_loss"] < 0.1
+    assert 0 < fig["uptrain_steps_fraction"] <= 0.25
 
 
 def test_every_exercise_passes(fig):

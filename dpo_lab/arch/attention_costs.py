@@ -109,3 +109,18 @@ def random_cache(model, batch: int, seq: int, dtype=torch.float32, seed: int = 0
         cache.update(i, torch.randn(*shape, generator=g, dtype=dtype),
                      torch.randn(*shape, generator=g, dtype=dtype))
     return cache
+
+
+def decode_bytes_per_step(model, context: int, batch: int, cache_passes: int = 1) -> dict:
+    """Bytes one cached decoding step moves: weights + `cache_passes` × the KV cache.
+
+    Every step reads every weight once (the embedding table only for the `batch` looked-up rows)
+    and the K and V of all `context` positions. `cache_passes=1` is an ideal preallocated cache;
+    our KVCache grows by torch.cat, which also reads and writes the whole cache: 3 passes.
+    """
+    elem = next(model.parameters()).element_size()
+    weights = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed."))
+    weights = (weights + batch * model.embed.embedding_dim) * elem
+    attn = model.blocks[0].attn
+    cache = kv_cache_bytes(len(model.blocks), attn.n_kv_heads, attn.head_dim, context, batch, elem)
+    return {"weights": weights, "cache": cache, "total": weights + cache_passes * cache}

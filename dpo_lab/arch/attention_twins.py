@@ -81,3 +81,49 @@ def compare_with_transformers(family="llama", dim=64, n_heads=8, n_kv_heads=2, b
     mask = torch.full((seq, seq), float("-inf")).triu(1).expand(batch, 1, seq, seq)
     out, _ = theirs(x, position_embeddings=(cos, sin), attention_mask=mask)
     return (ours(x) - out).abs().max().item()
+
+
+
+def _head_probe(n_heads: int, n_kv_heads: int):
+    """q, k, v whose attention output names, for each query head, the KV head it read.
+
+    Query head i points at position i (q_i = 50·e_i, k_s = e_s: softmax ≈ one-hot on s = i);
+    KV head j holds the value n_heads·j + s at position s. So output head i = n_heads·j(i) + i,
+    and a kernel that mixes up query heads (scores of head i' ≠ i in slot i) shows up too.
+    """
+    eye = torch.eye(n_heads)
+    q = (50 * eye).view(1, n_heads, 1, n_heads).expand(1, n_heads, n_heads, n_heads)
+    k = eye.view(1, 1, n_heads, n_heads).expand(1, n_kv_heads, n_heads, n_heads)
+    v = torch.zeros(1, n_kv_heads, n_heads, n_heads)
+    v[..., 0] = n_heads * torch.arange(n_kv_heads).view(-1, 1) + torch.arange(n_heads).view(1, -1)
+    return q.contiguous(), k.contiguous(), v
+
+
+def _decode_probe(out_last: torch.Tensor, n_heads: int) -> list:
+    """Output of the last position, (heads,) → KV head per query head; None if head i's output
+    was not computed from query head i."""
+    vals = out_last.round().long().tolist()
+    return [v // n_heads if v % n_heads == i else None for i, v in enumerate(vals)]
+
+
+@torch.no_grad()
+def kv_head_of_query_head(n_heads: int, n_kv_heads: int) -> list:
+    """Which KV head each query head reads in our `grouped_scaled_dot_product`, found by probing."""
+    from dpo_lab.arch.attention import grouped_scaled_dot_product
+    out = grouped_scaled_dot_product(*_head_probe(n_heads, n_kv_heads))  # (1, heads, seq, d)
+    return _decode_probe(out[0, :, -1, 0], n_heads)
+
+
+@torch.no_grad()
+def hf_kv_head_of_query_head(n_heads: int, n_kv_heads: int) -> list:
+    """The same probe through transformers' Llama `eager_attention_forward` (its `repeat_kv`
+    copies each KV head n_heads / n_kv_heads times)."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+    q, k, v = _head_probe(n_heads, n_kv_heads)
+    seq = q.shape[2]
+    mask = torch.full((seq, seq), float("-inf")).triu(1).view(1, 1, seq, seq)
+    module = SimpleNamespace(num_key_value_groups=n_heads // n_kv_heads, training=False)
+    out, _ = eager_attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)
+    return _decode_probe(out[0, -1, :, 0], n_heads)  # transformers returns (batch, seq, heads, d)
