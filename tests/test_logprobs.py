@@ -25,6 +25,23 @@ def _inputs(n, h, v, dtype, seed=0, bias=True):
     return hid, w, b, torch.randint(v, (n,), generator=g)
 
 
+class _Shapes(TorchDispatchMode):
+    """Every op's output shapes, and the most elements any single op produced: the [N, V]
+    matrix shows up here if it exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.shapes = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
 # N = 7: chunks that divide it (1, 7), that don't (3, 4) and one past it (10)
 @pytest.mark.parametrize("chunk", [1, 3, 4, 7, 10])
 @pytest.mark.parametrize("bias", [True, False])
@@ -57,9 +74,11 @@ def test_frozen_head_gets_no_gradient():
     hid, w, _, y = _inputs(9, 8, 50, torch.float32, bias=False)
     w.requires_grad_(False)  # LoRA: the head is frozen, backward must skip its V x H matmul
     out = token_logps(hid, w, y, chunk_size=4)
-    out.sum().backward()
+    with _Shapes() as mode:
+        out.sum().backward()
     torch.testing.assert_close(hid.grad, torch.autograd.grad(naive(hid, w, y).sum(), hid)[0])
-    assert w.grad is None
+    assert w.grad is None and (50, 8) not in mode.shapes, "backward built a weight gradient"
+    assert (4, 8) in mode.shapes  # the mode does see backward: a chunk's grad_hidden
 
 
 def test_bad_inputs_are_named():
@@ -173,21 +192,6 @@ def test_capped_logits_are_refused():
 
 # --- memory -----------------------------------------------------------------------------------
 
-class _LargestTensor(TorchDispatchMode):
-    """The most elements any single op produced: the [N, V] matrix shows up here if it exists."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def _saved_bytes(fn, exclude):
     """Bytes autograd keeps for backward, not counting tensors that are views of `exclude`
     (the head's weight: a parameter that lives anyway)."""
@@ -211,7 +215,7 @@ def test_memory_is_one_chunk_not_n_by_v():
     assert naive_saved >= n * v * 4  # what the test would catch: log_softmax's [N, V] output
     for fn, bound in ((lambda: token_logps(hid, w, y, chunk_size=chunk), chunk * v),
                       (lambda: naive(hid, w, y), None)):
-        with _LargestTensor() as mode:
+        with _Shapes() as mode:
             fn().sum().backward()
         if bound is None:
             assert mode.largest >= n * v
