@@ -221,3 +221,51 @@ def test_memory_is_one_chunk_not_n_by_v():
             assert mode.largest >= n * v
         else:
             assert mode.largest <= bound, f"an op made {mode.largest} elements, more than one chunk {bound}"
+
+
+# --- under FSDP2 ------------------------------------------------------------------------------
+
+def _fsdp2_rank(adapters):
+    """Rank function: both paths on fully_shard-ed copies of one model (each rank its own batch
+    half); returns per-rank logps and gradients, gathered whole, and whether the layers resharded."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from dpo_lab.dpo.qlora import decoder_layers
+    rank, n = dist.get_rank(), dist.get_world_size()
+    full = _batch()
+    pairs = full["input_ids"].shape[0] // 2
+    half = [r for r in (range(rank, pairs, n))] + [pairs + r for r in range(rank, pairs, n)]
+    batch = {k: v[half] for k, v in full.items()}
+    out = {}
+    for name, fn in (("naive", lambda m: concatenated_forward(m, batch)),
+                     ("chunked", lambda m: sequence_logps_chunked(m, batch, 5)[:2])):
+        model = build_tiny_model("qwen2", seed=0)
+        model = _lora(model) if adapters else model
+        mesh = init_device_mesh("cpu", (n,))
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        logps = torch.cat(fn(model))  # the FIRST call on a fresh model: nothing gathered yet
+        layer_sharded = all(isinstance(p, DTensor) for p in decoder_layers(model)[0].parameters())
+        (logps * torch.linspace(1, 2, len(logps))).sum().backward()
+        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters() if p.grad is not None}
+        out[name] = {"logps": logps.detach(), "grads": grads, "layer_sharded": layer_sharded}
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("adapters", [True, False], ids=["lora", "full"])
+def test_fsdp2_equals_concatenated_forward(adapters):
+    from dpo_lab.parallel import launch
+    res = launch(_fsdp2_rank, 2, kwargs={"adapters": adapters}, timeout=300)
+    for r in res:
+        naive, chunked = r["naive"], r["chunked"]
+        torch.testing.assert_close(chunked["logps"], naive["logps"], atol=1e-4, rtol=1e-5)
+        # FSDP2 still reshards every layer after its forward (it would not if a layer ran as root)
+        assert naive["layer_sharded"] and chunked["layer_sharded"]
+        assert naive["grads"] and naive["grads"].keys() == chunked["grads"].keys()
+        for k, g in naive["grads"].items():
+            torch.testing.assert_close(chunked["grads"][k], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")

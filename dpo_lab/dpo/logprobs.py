@@ -117,10 +117,32 @@ def _check_plain_head(model) -> None:
                              f"its logits are not hidden @ W^T, use concatenated_forward")
 
 
+def _last_hidden_state(model, batch):
+    """The body's output, (2B, T, H), from a call of the ROOT module with one position's logits.
+
+    Calling `model.get_decoder()` directly would skip the root's forward hooks: under FSDP2 the
+    root's parameters (embedding, final norm, head) stay sharded, and each decoder layer, run
+    first, makes itself an FSDP root and keeps its weights gathered after forward. So the whole
+    model runs as usual, a hook keeps the body's output, and `logits_to_keep=1` makes the head's
+    own matmul [2B, 1, V]. FSDP2 leaves the root's parameters gathered after its forward (until
+    backward), so the head's weight is whole when `token_logps` reads it.
+    """
+    seen = []
+    hook = model.get_decoder().register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+              logits_to_keep=1)
+    finally:
+        hook.remove()
+    if len(seen) != 1:
+        raise RuntimeError(f"{type(model).__name__}: its decoder ran {len(seen)} times in one forward")
+    return seen[0]
+
+
 def sequence_logps_chunked(model, batch: dict, chunk_size: int = CHUNK_SIZE):
     """`concatenated_forward`'s (chosen, rejected) sums, plus `completion_logit_sums`, for a HF
-    causal LM (also PEFT-wrapped): the body runs once over [chosen; rejected], then only the
-    completion positions go through the chunked head.
+    causal LM (also PEFT-wrapped, also under FSDP2): the body runs once over [chosen; rejected],
+    then only the completion positions go through the chunked head.
 
     Returns (chosen_logps (B,), rejected_logps (B,), (logit_sums (2B,), n_tokens (2B,))), the
     triple `trainer.policy_forward` returns.
@@ -128,19 +150,18 @@ def sequence_logps_chunked(model, batch: dict, chunk_size: int = CHUNK_SIZE):
     _check_plain_head(model)
     # PeftModel and LoraModel forward attribute lookups to the wrapped model; LoRA layers live
     # inside the body, so disable_adapter() applies here too.
-    body, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = _last_hidden_state(model, batch)
+    head = model.get_output_embeddings()
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    hidden = body(input_ids=input_ids, attention_mask=batch["attention_mask"],
-                  use_cache=False).last_hidden_state
     # position t predicts token t + 1 (the same shift as loss.sequence_logps)
     mask = loss_mask[:, 1:].bool()
     rows = mask.nonzero()[:, 0]
     h = hidden[:, :-1][mask]
-    logp = token_logps(h, head.weight, input_ids[:, 1:][mask], getattr(head, "bias", None), chunk_size)
+    bias = getattr(head, "bias", None)
+    logp = token_logps(h, head.weight, input_ids[:, 1:][mask], bias, chunk_size)
     n_seq = input_ids.shape[0]
     totals = logp.new_zeros(n_seq).index_add(0, rows, logp)
-    mean_logit = logit_sums(h.detach(), head.weight.detach(),
-                            None if getattr(head, "bias", None) is None else head.bias.detach())
+    mean_logit = logit_sums(h.detach(), head.weight.detach(), None if bias is None else bias.detach())
     mean_logit = mean_logit.float() / head.weight.shape[0]
     sums = mean_logit.new_zeros(n_seq).index_add(0, rows, mean_logit)
     chosen, rejected = totals.chunk(2)
