@@ -225,9 +225,10 @@ def test_memory_is_one_chunk_not_n_by_v():
 
 # --- under FSDP2 ------------------------------------------------------------------------------
 
-def _fsdp2_rank(adapters):
+def _fsdp2_rank():
     """Rank function: both paths on fully_shard-ed copies of one model (each rank its own batch
-    half); returns per-rank logps and gradients, gathered whole, and whether the layers resharded."""
+    half), with LoRA and without; per-rank logps, gradients gathered whole, and whether the layers
+    resharded after forward."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -237,11 +238,12 @@ def _fsdp2_rank(adapters):
     rank, n = dist.get_rank(), dist.get_world_size()
     full = _batch()
     pairs = full["input_ids"].shape[0] // 2
-    half = [r for r in (range(rank, pairs, n))] + [pairs + r for r in range(rank, pairs, n)]
+    half = [*range(rank, pairs, n), *range(pairs + rank, 2 * pairs, n)]  # chosen rows, then their rejected
     batch = {k: v[half] for k, v in full.items()}
     out = {}
-    for name, fn in (("naive", lambda m: concatenated_forward(m, batch)),
-                     ("chunked", lambda m: sequence_logps_chunked(m, batch, 5)[:2])):
+    for adapters, name, fn in ((a, *path) for a in (True, False) for path in (
+            ("naive", lambda m: concatenated_forward(m, batch)),
+            ("chunked", lambda m: sequence_logps_chunked(m, batch, 5)[:2]))):
         model = build_tiny_model("qwen2", seed=0)
         model = _lora(model) if adapters else model
         mesh = init_device_mesh("cpu", (n,))
@@ -252,17 +254,16 @@ def _fsdp2_rank(adapters):
         layer_sharded = all(isinstance(p, DTensor) for p in decoder_layers(model)[0].parameters())
         (logps * torch.linspace(1, 2, len(logps))).sum().backward()
         grads = {k: p.grad.full_tensor() for k, p in model.named_parameters() if p.grad is not None}
-        out[name] = {"logps": logps.detach(), "grads": grads, "layer_sharded": layer_sharded}
+        out[adapters, name] = {"logps": logps.detach(), "grads": grads, "layer_sharded": layer_sharded}
     return out
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("adapters", [True, False], ids=["lora", "full"])
-def test_fsdp2_equals_concatenated_forward(adapters):
+def test_fsdp2_equals_concatenated_forward():
     from dpo_lab.parallel import launch
-    res = launch(_fsdp2_rank, 2, kwargs={"adapters": adapters}, timeout=300)
-    for r in res:
-        naive, chunked = r["naive"], r["chunked"]
+    res = launch(_fsdp2_rank, 2, timeout=300)
+    for r, adapters in ((r, a) for r in res for a in (True, False)):
+        naive, chunked = r[adapters, "naive"], r[adapters, "chunked"]
         torch.testing.assert_close(chunked["logps"], naive["logps"], atol=1e-4, rtol=1e-5)
         # FSDP2 still reshards every layer after its forward (it would not if a layer ran as root)
         assert naive["layer_sharded"] and chunked["layer_sharded"]
