@@ -51,6 +51,27 @@ def test_deepest_postnorm_needs_warmup(fig):
     assert fig[f"postnorm_d{depths[0]}_nowarmup_outcome"] == "trained"  # shallow stacks are fine
 
 
+def _largest(fig, placement, schedule):
+    keys = sorted(k for k in fig if k.startswith(f"lrsweep_{placement}norm_{schedule}_largest_lr_seed"))
+    return [fig[k] for k in keys]
+
+
+def test_lr_sweep_covers_three_seeds_and_every_case(fig):
+    for p in ("pre", "post"):
+        for s in ("nowarmup", "warmup"):
+            assert len(_largest(fig, p, s)) >= 3, (p, s)
+
+
+def test_lr_sweep_post_norm_needs_warmup_pre_norm_does_not(fig):
+    pre, pre_w = _largest(fig, "pre", "nowarmup"), _largest(fig, "pre", "warmup")
+    post, post_w = _largest(fig, "post", "nowarmup"), _largest(fig, "post", "warmup")
+    # seed by seed, warm-up never lowers the largest trainable rate
+    assert all(w >= n for w, n in zip(pre_w, pre)) and all(w >= n for w, n in zip(post_w, post))
+    assert min(post_w) > max(post) > 0      # post-norm: warm-up raises it on every seed
+    assert min(pre) >= max(post_w)          # pre-norm without warm-up tolerates what post-norm with it does
+    assert min(pre) > max(post)
+
+
 def test_timing_ratio_is_reported(fig):
     # Speed is compared in `dpo-lab bench norms`, not asserted here: timings drift with load.
     assert fig["scratch_rmsnorm_over_layernorm_time"] > 0
