@@ -149,7 +149,16 @@ def test_all_to_all_bytes_match_the_formula():
         assert two["bytes"]["forward sent"] == 2 * 2 * per_a2a  # twice the slots, twice the bytes
 
 
-def test_balancing_loss_evens_the_load_that_training_alone_leaves_skewed():
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: a second thread only contends (conftest's OMP_NUM_THREADS comes after torch's import)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_balancing_loss_evens_the_load_that_training_alone_leaves_skewed(one_thread):
     # Dropless training (capacity factor 4 drops nothing) on tokens leaning towards one expert: the
     # same model and batches with and without Switch's α = 0.01.
     torch.manual_seed(0)
@@ -159,8 +168,8 @@ def test_balancing_loss_evens_the_load_that_training_alone_leaves_skewed():
     teacher = torch.nn.Linear(16, 16)
     g = torch.Generator().manual_seed(1)
     batches = []
-    for _ in range(150):
-        x = torch.randn(256, 16, generator=g) + lean
+    for _ in range(100):
+        x = torch.randn(128, 16, generator=g) + lean
         batches.append((x, teacher(x).detach()))
     runs = {a: train_moe(copy.deepcopy(moe), batches, aux_weight=a) for a in (0.0, 0.01)}
     end = {a: torch.tensor(h["load_share"][-10:]).mean(0) for a, h in runs.items()}
