@@ -1,11 +1,15 @@
 """Mixture of experts: routing by hand, the layer against a per-token loop, expert parallel on ranks."""
+import copy
 import math
+import re
 
 import pytest
 import torch
 
+from dpo_lab.paths import LESSON_DIR
 from dpo_lab.parallel import launch
-from dpo_lab.parallel.expert import MoE, capacity, ep_check_rank, expert_load, load_balancing_loss, route
+from dpo_lab.parallel.expert import (MoE, capacity, ep_check_rank, expert_load, load_balancing_loss, route,
+                                     train_moe)
 
 
 def test_capacity_drops_the_late_tokens_first_choices_first():
@@ -93,3 +97,83 @@ def test_load_balancing_loss_by_hand_with_two_choices():
     f = torch.tensor([3, 2, 3]) / 8
     P = logits.softmax(-1).mean(0)
     assert load_balancing_loss(r).item() == pytest.approx(3 * (f * P).sum().item(), rel=1e-6)
+
+
+def _one_expert_logits(n_tokens, n_experts):
+    """A router that sends every token to expert 0 with probability exactly 1 (exp(-1e4) = 0)."""
+    logits = torch.zeros(n_tokens, n_experts)
+    logits[:, 0] = 1e4
+    return logits
+
+
+def test_lesson_exercise_3_answer_is_what_the_package_loss_returns():
+    # The lesson's answer must follow the package's f_e (all k choices), not the top-1 intuition "E".
+    text = (LESSON_DIR / "09_expert_parallel.md").read_text(encoding="utf-8")
+    item = text[text.index("\n3. "):text.index("\n4. ")]
+    n_experts, k = map(int, re.search(r"\$E = (\d+)\$ experts and top-(\d) routing", item).groups())
+    ours = int(re.search(r"E/k = (\d+)\$", item).group(1))
+    hf = int(re.search(r"reports \$k\$ times ours: (\d+)", item).group(1))
+    logits = _one_expert_logits(16, n_experts)
+    r = route(logits, k, capacity_factor=float(n_experts))  # no drops: the loss sees routing only
+    assert r.probs[:, 0].eq(1).all() and r.expert[:, 1].ne(0).all()  # second choices go elsewhere
+    assert load_balancing_loss(r).item() == pytest.approx(ours)
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    assert load_balancing_loss_func((logits,), n_experts, k).item() == pytest.approx(hf)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_load_balancing_loss_is_transformers_mixtral_over_k(k):
+    # transformers divides the counts by T (tokens), we by T·k (assignments, Switch's f_e for k = 1).
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(64, 6, generator=g) + torch.linspace(0, 2, 6)
+    ours = load_balancing_loss(route(logits, k, capacity_factor=1.0)).item()
+    assert ours * k == pytest.approx(load_balancing_loss_func((logits,), 6, k).item(), rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_all_to_all_bytes_match_the_formula():
+    # Per rank and all-to-all: T·k slots of d float32 values, (n-1)/n of them leave (and arrive);
+    # dispatch + combine forward, the same two backward. E·C = T·k exactly: 6 experts, C = 8.
+    n, tokens, k, dim, n_experts = 3, 24, 2, 16, 6
+    per_a2a = tokens * k * dim * 4 * (n - 1) // n
+    res = launch(ep_check_rank, n, kwargs=dict(n_experts=n_experts, k=k, dim=dim, tokens_per_rank=tokens,
+                                               capacity_factor=1.0, volume_factors=(1.0, 2.0)),
+                 timeout=240)
+    for r in res:
+        assert r["capacity"] * n_experts == tokens * k
+        assert r["a2a_bytes"] == {f"{d} {w}": 2 * per_a2a for d in ("backward", "forward")
+                                  for w in ("received", "sent")}
+        one, two = r["volume"]
+        assert one["bytes"] == r["a2a_bytes"]
+        assert two["bytes"]["forward sent"] == 2 * 2 * per_a2a  # twice the slots, twice the bytes
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: a second thread only contends (conftest's OMP_NUM_THREADS comes after torch's import)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_balancing_loss_evens_the_load_that_training_alone_leaves_skewed(one_thread):
+    # Dropless training (capacity factor 4 drops nothing) on tokens leaning towards one expert: the
+    # same model and batches with and without Switch's α = 0.01.
+    torch.manual_seed(0)
+    moe = MoE(16, 32, 4, k=2, capacity_factor=4.0)
+    with torch.no_grad():
+        lean = 2.4 * moe.router.weight[0] / moe.router.weight[0].norm()
+    teacher = torch.nn.Linear(16, 16)
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(100):
+        x = torch.randn(128, 16, generator=g) + lean
+        batches.append((x, teacher(x).detach()))
+    runs = {a: train_moe(copy.deepcopy(moe), batches, aux_weight=a) for a in (0.0, 0.01)}
+    end = {a: torch.tensor(h["load_share"][-10:]).mean(0) for a, h in runs.items()}
+    assert runs[0.0]["load_share"][0] == runs[0.01]["load_share"][0]  # same start
+    assert end[0.01].max() < 0.3 < end[0.0].max()  # 0.25 is even
+    assert runs[0.01]["dropped"][-1] < runs[0.0]["dropped"][-1]
+    assert runs[0.01]["aux_loss"][-1] < runs[0.0]["aux_loss"][-1]

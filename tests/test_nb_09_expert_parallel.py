@@ -14,6 +14,19 @@ def test_expert_parallel_notebook(run_nb):
     # What capacity costs: drops at factor 1 when skewed, none at 4.
     assert f["dropped_cf1_leaning"] > 0.1 > f["dropped_cf1_isotropic"]
     assert f["dropped_cf2_leaning"] < f["dropped_cf1_leaning"] and f["dropped_cf4_leaning"] == 0
+    # Same start, same batches: Switch's balancing loss evens the load that the task loss alone
+    # leaves skewed, so capacity factor 1.0 drops far less, at no visible cost in task loss.
+    assert f["train_alpha"] == 0.01
+    assert f["lb_max_share_with"] < 0.3 < f["lb_max_share_without"]
+    assert f["lb_dropped_cf1_with"] < 0.5 * f["lb_dropped_cf1_without"]
+    assert f["lb_aux_with"] < 1.05 < f["lb_aux_without"]
+    assert max(f["lb_task_loss_with"], f["lb_task_loss_without"]) < 0.1 * f["lb_task_loss_start"]
+    assert f["lb_task_loss_with"] < 1.2 * f["lb_task_loss_without"]
+    # The all-to-all bytes the layer counted equal T·k·d·4·(n-1)/n (per all-to-all, each way).
+    T, k, d, n = 512 // 8, f["top_k"], 16, f["ep_world_size"]
+    assert f["ep_a2a_measured_equals_formula"] is True
+    assert f["ep_a2a_bytes_per_all_to_all_cf1"] == T * k * d * 4 * (n - 1) / n
+    assert f["ep_a2a_forward_sent_cf2_over_cf1"] == 2
     # Expert parallel equals the single process, dropping the very same tokens.
     assert f["ep_max_abs_err"] < 1e-5 and f["ep_same_dropped_all_ranks"] is True
     assert f["ep_dropped_total"] > 0

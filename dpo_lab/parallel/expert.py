@@ -9,10 +9,14 @@ is smallest when the load is uniform.
 
 Expert parallelism spreads the experts over n ranks: each rank routes its own tokens, an
 all-to-all sends every expert's slots to the rank that owns it, the experts run, and a second
-all-to-all brings the outputs home. Backward runs the two all-to-alls in reverse.
+all-to-all brings the outputs home. Backward runs the two all-to-alls in reverse. Each rank sends
+the slots of the other ranks' experts, (n-1)/n of its (E, C, d) buffer, per all-to-all; the bytes
+are counted from the split sizes each call used (`count_all_to_all_bytes`).
 """
 import copy
 import math
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +70,30 @@ def expert_load(r: Routing) -> torch.Tensor:
     return torch.bincount(r.expert.flatten(), minlength=r.probs.shape[-1])
 
 
+def train_moe(moe: "MoE", batches, aux_weight: float = 0.0, lr: float = 1e-2,
+              capacity_factor: float = 1.0) -> dict:
+    """Adam on MSE(moe(x), y) + aux_weight · E·Σ_e f_e P_e (Switch uses aux_weight = 0.01), one step
+    per (x, y) in batches; trains moe in place. Per step: the task loss, the balancing loss, each
+    expert's share of the assignments, and the share of assignments capacity_factor would drop."""
+    if aux_weight < 0:
+        raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
+    opt = torch.optim.Adam(moe.parameters(), lr=lr)
+    hist = {"task_loss": [], "aux_loss": [], "load_share": [], "dropped": []}
+    for x, y in batches:
+        out, aux, r = moe(x)
+        task = (out - y).pow(2).mean()
+        opt.zero_grad()
+        (task + aux_weight * aux).backward()
+        opt.step()
+        with torch.no_grad():  # the routing this step used, cut at the capacity we ask about
+            dropped = ~route(r.probs.log(), moe.k, capacity_factor).keep
+        hist["task_loss"].append(task.item())
+        hist["aux_loss"].append(aux.item())
+        hist["load_share"].append((expert_load(r).float() / r.expert.numel()).tolist())
+        hist["dropped"].append(dropped.float().mean().item())
+    return hist
+
+
 def dispatch(tokens: torch.Tensor, r: Routing, n_experts: int) -> torch.Tensor:
     """(E, C, dim) buffers; empty slots are zeros."""
     t_idx = torch.arange(tokens.shape[0])[:, None].expand_as(r.expert)
@@ -100,23 +128,45 @@ class MoE(nn.Module):
         return combine(out, r, tokens.shape[0]).view_as(x), load_balancing_loss(r), r
 
 
+A2A_BYTES = Counter()  # (direction, "sent" | "received") -> bytes exchanged with other ranks
+
+
+@contextmanager
+def count_all_to_all_bytes():
+    """with count_all_to_all_bytes() as b: ... ; b[("forward", "sent")] is what this rank sent inside."""
+    before = Counter(A2A_BYTES)
+    seen = Counter()
+    try:
+        yield seen
+    finally:
+        seen.update(A2A_BYTES - before)
+
+
+def _exchange(x, group, direction):
+    n, me = dist.get_world_size(group), dist.get_rank(group)
+    send = recv = [x.shape[0] // n] * n  # equal splits: every rank holds the same (E, C, d) buffer
+    out = x.new_empty(x.shape)
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send,
+                           group=group)
+    record("all_to_all", direction)
+    row = x[0].numel() * x.element_size()
+    # chunk `me` stays on this rank: only the other chunks cross the link
+    A2A_BYTES[(direction, "sent")] += row * sum(rows for j, rows in enumerate(send) if j != me)
+    A2A_BYTES[(direction, "received")] += row * sum(rows for j, rows in enumerate(recv) if j != me)
+    return out
+
+
 class _AllToAll(torch.autograd.Function):
     """Chunk i of dim 0 goes to rank i; chunk i of the result came from rank i. Its own inverse."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
-        record("all_to_all", "forward")
-        return out
+        return _exchange(x, group, "forward")
 
     @staticmethod
     def backward(ctx, grad):
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
-        record("all_to_all", "backward")
-        return out, None
+        return _exchange(grad, ctx.group, "backward"), None
 
 
 def all_to_all(x, group=None):
@@ -167,9 +217,11 @@ class ExpertParallelMoE(nn.Module):
 
 
 def ep_check_rank(seed: int = 0, dim: int = 16, hidden: int = 32, n_experts: int = 4, k: int = 2,
-                  capacity_factor: float = 1.0, tokens_per_rank: int = 32, aux_weight: float = 0.01) -> dict:
+                  capacity_factor: float = 1.0, tokens_per_rank: int = 32, aux_weight: float = 0.01,
+                  volume_factors: tuple = ()) -> dict:
     """Rank function: rank r routes group r of the tokens; compare outputs, dropped tokens and
-    gradients with the single-process MoE applied to every group."""
+    gradients with the single-process MoE applied to every group. Also returns the all-to-all bytes
+    this rank sent and received, for that step and for one step at each of volume_factors."""
     rank, n = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(seed)
     moe = MoE(dim, hidden, n_experts, k, capacity_factor)
@@ -185,11 +237,20 @@ def ep_check_rank(seed: int = 0, dim: int = 16, hidden: int = 32, n_experts: int
 
     ep = ExpertParallelMoE(moe)
     x_local = x[rank].detach().clone().requires_grad_()
-    with count_collectives() as fwd:
+    with count_collectives() as fwd, count_all_to_all_bytes() as fwd_bytes:
         y, aux, r = ep(x_local)
     loss = (y * y).sum() + aux_weight * aux
-    with count_collectives() as bwd:
+    with count_collectives() as bwd, count_all_to_all_bytes() as bwd_bytes:
         loss.backward()
+    volume = []
+    for cf in volume_factors:  # the buffers, hence the bytes, follow the capacity C
+        probe = copy.deepcopy(ep)
+        probe.capacity_factor = cf
+        with count_all_to_all_bytes() as b:
+            # an input with a gradient, as in a real stack: else backward skips dispatch's all-to-all
+            yv, auxv, rv = probe(x_local.detach().requires_grad_())
+            ((yv * yv).sum() + aux_weight * auxv).backward()
+        volume.append({"capacity_factor": cf, "capacity": rv.capacity, "bytes": _plain(b)})
     for p in ep.router.parameters():  # the router is data-parallel: sum its gradient
         dist.all_reduce(p.grad)
     grad_err = max((a.grad - b.grad).abs().max().item() for a, b in
@@ -201,4 +262,10 @@ def ep_check_rank(seed: int = 0, dim: int = 16, hidden: int = 32, n_experts: int
             "same_dropped": bool(torch.equal(r.keep, ref_keep)),
             "dropped": int((~r.keep).sum()), "assignments": r.keep.numel(),
             "grad_err": grad_err, "collectives_forward": dict(fwd), "collectives_backward": dict(bwd),
-            "load": expert_load(r).tolist(), "capacity": r.capacity}
+            "load": expert_load(r).tolist(), "capacity": r.capacity,
+            "a2a_bytes": _plain(fwd_bytes + bwd_bytes), "volume": volume}
+
+
+def _plain(c: Counter) -> dict:
+    """{"forward sent": bytes, ...}: picklable, JSON-friendly."""
+    return {f"{d} {what}": int(v) for (d, what), v in sorted(c.items())}
