@@ -1,12 +1,13 @@
 import os
 
-import pytest
-
-from dpo_lab.paths import build_dir
-
-# One thread per process keeps the 2-core CI box from oversubscribing when ranks run.
+# One thread per process keeps the 2-core CI box from oversubscribing when ranks and xdist workers
+# run; set before anything imports torch (dpo_lab does), which reads it when it starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from dpo_lab.paths import build_dir  # noqa: E402
 
 NOTEBOOK_OUT = build_dir() / "test"
 
