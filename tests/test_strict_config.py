@@ -37,7 +37,7 @@ FLOATS = ["dpo.beta", "train.lr", "train.epochs", "train.max_grad_norm", "train.
           "train.warmup_ratio", "lora.dropout", "dpo.label_smoothing", "dpo.f_alpha_divergence_coef",
           "dpo.ld_alpha", "dpo.discopop_tau"]
 BOOLS = ["model.gradient_checkpointing", "data.drop_invalid", "quant.load_in_4bit", "quant.double_quant",
-         "dpo.precompute_ref", "fsdp.reshard_after_forward", "fsdp.cpu_offload", "checkpoint.resume"]
+         "dpo.precompute_ref", "dpo.ref_cache", "fsdp.reshard_after_forward", "fsdp.cpu_offload", "checkpoint.resume"]
 
 
 def _get(cfg, key):

@@ -107,7 +107,9 @@ class DPOConfig:
     f_alpha_divergence_coef: Fraction = 0.5                    # α of alpha_divergence (TRL's)
     ld_alpha: Fraction | None = None  # LD-DPO weight of the longer completion's extra tokens; None: DPO
     discopop_tau: Positive = 0.05
-    precompute_ref: Bool = False     # True: reference log-probs for every planned batch before step 1
+    precompute_ref: Bool = False     # True: reference log-probs of the run's rows before step 1, in memory
+    ref_cache: Bool = True           # precompute them AND keep them on disk (dpo_lab/dpo/ref_cache.py)
+    ref_cache_dir: Name | None = None  # None: $DPO_LAB_CACHE (dpo_lab.paths.cache_dir()); under it ref_logps/
 
 
 @dataclass(config=SECTION)

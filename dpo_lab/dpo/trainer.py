@@ -5,7 +5,8 @@
 
 Each optimizer step: every rank takes its micro-batches of the global batch, runs chosen and
 rejected through ONE forward (policy), gets the reference log-probs from the same model with the
-adapters disabled (or from a precomputed table), and backpropagates the DPO loss divided by the
+adapters disabled (by default from the reference cache: dpo_lab/dpo/ref_cache.py, computed
+once per data row before step 1 and kept on disk), and backpropagates the DPO loss divided by the
 global batch so that FSDP's gradient averaging over ranks yields the global mean.
 """
 import argparse
@@ -92,13 +93,37 @@ def dpo_step_terms(model, batch, cfg: TrainConfig, ref=None):
     return losses, cr, rr, pc, pr, logit_sums
 
 
+REFERENCE_FORWARDS = 0  # calls of reference_logps in this process; a run reports how many it made
+
+
 @torch.no_grad()
 def reference_logps(model, batch, ld_alpha=None):
     """The reference policy = the same weights with the LoRA adapters switched off."""
+    global REFERENCE_FORWARDS
+    REFERENCE_FORWARDS += 1
     with model.disable_adapter():
         if ld_alpha is None:
             return concatenated_forward(model, batch)
         return policy_forward(model, batch, ld_alpha)[:2]  # LD-DPO sums, as the policy's
+
+
+def reference_table(cfg: TrainConfig, model, tok, rows, plan: BatchPlan, steps, device):
+    """Collective: {row index: (ref chosen, ref rejected)} for every row of `steps`, read from the
+    disk cache (cfg.dpo.ref_cache) where it has them, computed in the training micro-batches where not."""
+    from dpo_lab.dpo import ref_cache
+    from dpo_lab.dpo.qlora import resolve_model
+    from dpo_lab.paths import cache_dir
+    keys = {i: ref_cache.row_key(rows[i]) for s in steps for i in plan.global_indices(s)}
+    cache = None
+    if cfg.dpo.ref_cache and dist.get_rank() == 0:  # rank 0 alone reads and writes the cache
+        inputs = ref_cache.fingerprint_inputs(cfg, resolve_model(cfg.model.name), tok, device.type)
+        cache = ref_cache.RefCache(cfg.dpo.ref_cache_dir or cache_dir(), inputs)
+
+    def forward(idx):
+        batch = to_device(collate([rows[i] for i in idx], tok.pad_token_id, cfg.data.max_length), device)
+        return reference_logps(model, batch, cfg.dpo.ld_alpha)
+    return ref_cache.precompute(cache, keys, lambda r: [m for s in steps for m in plan.micro_indices(s, r)],
+                                forward)
 
 
 def _sums(losses, cr, rr, pc, pr, logit_sums) -> torch.Tensor:
@@ -203,14 +228,21 @@ def train_rank(cfg_dict: dict) -> dict:
     lap("eval")
 
     def micro_batches(step):
-        return [to_device(collate([train_rows[i] for i in idx], pad_id, cfg.data.max_length), device)
+        return [(idx, to_device(collate([train_rows[i] for i in idx], pad_id, cfg.data.max_length), device))
                 for idx in plan.micro_indices(step, rank)]
 
-    ref_table = {}
-    if cfg.dpo.precompute_ref:  # one pass with adapters off; then training needs no 2nd forward
-        for s in range(start, min(steps, cfg.debug.stop_after or steps)):
-            for j, b in enumerate(micro_batches(s)):
-                ref_table[(s, j)] = reference_logps(model, b, cfg.dpo.ld_alpha)
+    end = min(steps, cfg.debug.stop_after or steps)
+    forwards_before = REFERENCE_FORWARDS
+    ref_of, ref_stats = None, None
+    if cfg.dpo.ref_cache or cfg.dpo.precompute_ref:  # then training runs no reference forward
+        ref_of, ref_stats = reference_table(cfg, model, tok, train_rows, plan, range(start, end), device)
+    lap("ref_precompute")
+
+    def reference(idx):
+        if ref_of is None:
+            return None  # dpo_step_terms runs the reference forward
+        return tuple(torch.tensor([ref_of[i][k] for i in idx], dtype=torch.float32, device=device)
+                     for k in (0, 1))
 
     log_file = out / "log.jsonl"
     if rank == 0:
@@ -228,15 +260,14 @@ def train_rank(cfg_dict: dict) -> dict:
     lap("setup")
     t_run = time.perf_counter()
     tokens_run = 0
-    end = min(steps, cfg.debug.stop_after or steps)
     for step in range(start, end):
         t0 = time.perf_counter()
         sums = torch.zeros(12, dtype=torch.float64)
         tokens = 0
-        for j, batch in enumerate(micro_batches(step)):
+        for j, (idx, batch) in enumerate(micro_batches(step)):
             if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter on the last micro only
                 model.set_requires_gradient_sync(j == cfg.train.grad_accum - 1)
-            terms = dpo_step_terms(model, batch, cfg, ref_table.pop((step, j), None))
+            terms = dpo_step_terms(model, batch, cfg, reference(idx))
             # / global batch: FSDP averages over ranks, so x world size restores the global mean.
             (terms[0].sum() * ws / global_batch).backward()
             sums += _sums(*terms)
@@ -285,13 +316,16 @@ def train_rank(cfg_dict: dict) -> dict:
     lap("eval")
     adapter_dir = ckpt.save_adapter(model, out / "adapter")
     lap("save_adapter")
+    ref_seconds = clock.get("ref_precompute", 0.0)
     result = {"rank": rank, "memory": memory, "peak_memory_bytes": peak_memory_bytes(device),
-              "phase_seconds": clock}
+              "phase_seconds": clock, "reference_forwards": REFERENCE_FORWARDS - forwards_before}
     if rank == 0:
         result.update(history=history, eval_before=eval_before, eval_after=eval_after,
                       adapter_dir=str(adapter_dir), steps=steps, start_step=start,
                       world_size=ws, global_batch=global_batch, run_seconds=run_seconds,
-                      tokens_per_s=tokens_run / run_seconds if run_seconds > 0 else 0.0,
+                      ref_precompute_seconds=ref_seconds, ref_cache=ref_stats,
+                      # the reference precompute is part of the run's cost, so it counts here
+                      tokens_per_s=tokens_run / (run_seconds + ref_seconds) if run_seconds > 0 else 0.0,
                       output_dir=str(out))
         (out / "result.json").write_text(json.dumps(
             {k: v for k, v in result.items() if k != "history"}, indent=2, default=str))
@@ -316,7 +350,8 @@ def train_then_restart(cfg_dict: dict, restart_step: int, restart_dir: str) -> d
     dist.barrier()
     again = train_rank({**cfg_dict, "output_dir": str(restart_dir),
                         "checkpoint": {**cfg_dict["checkpoint"], "resume": True}})
-    first["restart"] = {k: again.get(k) for k in ("history", "start_step", "eval_after")}
+    first["restart"] = {k: again.get(k) for k in ("history", "start_step", "eval_after", "reference_forwards",
+                                                  "ref_cache")}
     return first
 
 
@@ -358,6 +393,9 @@ def run(cfg: TrainConfig, nproc: int = 1, timeout: float = 1800, backend: str | 
     out = results[0]
     out["rank_memory"] = [r["memory"] for r in results]
     out["rank_peak_memory_bytes"] = [r["peak_memory_bytes"] for r in results]
+    out["rank_reference_forwards"] = [r["reference_forwards"] for r in results]
+    if restart_step is not None:
+        out["restart"]["rank_reference_forwards"] = [r["restart"]["reference_forwards"] for r in results]
     return out
 
 
