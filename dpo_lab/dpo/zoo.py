@@ -104,9 +104,9 @@ def train(model, tok, rows, loss_type, beta: float, steps: int, lr: float, batch
     for step in range(steps):
         batch = collate([enc[i] for i in plan.global_indices(step)], tok.pad_token_id, max_length)
         pc, pr, rc, rr = _step_logps(model, batch)
-        lc, lr_ = batch["loss_mask"][:, 1:].sum(-1).chunk(2)
+        len_c, len_r = batch["loss_mask"][:, 1:].sum(-1).chunk(2)  # for the per-token means of ipo
         losses, cw, rw = dpo_loss(pc, pr, rc, rr, beta, loss_type, EPS.get(loss_type, 0.0),
-                                  chosen_lengths=lc, rejected_lengths=lr_)
+                                  chosen_lengths=len_c, rejected_lengths=len_r)
         losses.mean().backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
         opt.step()
