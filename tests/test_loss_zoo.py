@@ -29,14 +29,8 @@ def trainer():
 def batch(pairs: int, seed: int):
     """Per-token log-probs (2B, T−1) of policy and reference and the completion mask (2B, T) of rows
     [chosen; rejected]; prompts and completion lengths differ row to row."""
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(1, 4, (2 * pairs,), generator=g)
-    length = torch.randint(1, T - 4, (2 * pairs,), generator=g)
-    pos = torch.arange(T)
-    mask = (pos >= prompt[:, None]) & (pos < (prompt + length)[:, None])
-    policy = -2 * torch.rand(2 * pairs, T - 1, generator=g)
-    ref = (policy + 0.3 * torch.randn(2 * pairs, T - 1, generator=g)).clamp(max=0)
-    return policy, ref, mask
+    from dpo_lab.dpo.zoo import random_logps  # random inputs only: the losses compared are not in it
+    return random_logps(pairs, T, seed)
 
 
 def ours(policy, ref, mask, ld_alpha=None, **settings):

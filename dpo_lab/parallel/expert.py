@@ -16,7 +16,6 @@ are counted from the split sizes each call used (`count_all_to_all_bytes`).
 import copy
 import math
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from dpo_lab.arch.transformer import MLP
-from dpo_lab.parallel.tensor import count_collectives, record
+from dpo_lab.parallel.tensor import count_collectives, counted, record
 
 
 @dataclass
@@ -131,15 +130,9 @@ class MoE(nn.Module):
 A2A_BYTES = Counter()  # (direction, "sent" | "received") -> bytes exchanged with other ranks
 
 
-@contextmanager
 def count_all_to_all_bytes():
     """with count_all_to_all_bytes() as b: ... ; b[("forward", "sent")] is what this rank sent inside."""
-    before = Counter(A2A_BYTES)
-    seen = Counter()
-    try:
-        yield seen
-    finally:
-        seen.update(A2A_BYTES - before)
+    return counted(A2A_BYTES)
 
 
 def _exchange(x, group, direction):

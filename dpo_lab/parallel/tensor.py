@@ -33,14 +33,19 @@ def record(op: str, direction: str) -> None:
 
 
 @contextmanager
-def count_collectives():
-    """with count_collectives() as c: ... ; c[("all_reduce", "forward")] is what ran inside."""
-    before = Counter(COLLECTIVES)
+def counted(counter: Counter):
+    """with counted(COUNTER) as c: ... ; c holds what was added to COUNTER inside the block."""
+    before = Counter(counter)
     seen = Counter()
     try:
         yield seen
     finally:
-        seen.update(COLLECTIVES - before)
+        seen.update(counter - before)
+
+
+def count_collectives():
+    """with count_collectives() as c: ... ; c[("all_reduce", "forward")] is what ran inside."""
+    return counted(COLLECTIVES)
 
 
 def tp_rank_size(group=None) -> tuple[int, int]:
