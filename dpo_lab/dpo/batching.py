@@ -62,6 +62,13 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def real_tokens(batch: dict) -> int:
+    """Tokens of the sequences themselves, not padding or packed-row filler (for tokens/s)."""
+    if "real_tokens" in batch:  # packing.pack counts them
+        return int(batch["real_tokens"])
+    return int(batch["attention_mask"].sum())
+
+
 def concatenated_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over [chosen; rejected]; returns (chosen_logps, rejected_logps), each (B,),
     the SUM of completion-token log-probs (the DPO paper's and TRL's convention)."""

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from dpo_lab.dpo import checkpoint as ckpt
-from dpo_lab.dpo.batching import (BatchPlan, EncodedRows, collate, concatenated_forward, encode_rows,
-                                  to_device)
+from dpo_lab.dpo.batching import BatchPlan, EncodedRows, collate, encode_rows, real_tokens, to_device
 from dpo_lab.dpo.config import ConfigError, TrainConfig, from_dict, load_config
 from dpo_lab.dpo.evaluate import evaluate_preferences
+from dpo_lab.dpo.packing import pack
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected")
@@ -61,10 +61,36 @@ def build_policy(cfg: TrainConfig, device):
     return shard(model, mesh, cfg.fsdp), tok
 
 
+def logps_path(batch: dict, cfg: TrainConfig) -> dict:
+    """The batch, told how its log-probs are computed: `logps_chunk_size` is the chunked head's
+    chunk (dpo.chunked_logps) or None for full logits. It travels with the batch so that every
+    consumer (policy, reference, a precomputed reference table) scores it the same way."""
+    d = cfg.dpo
+    return {**batch, "logps_chunk_size": d.logps_chunk_size if d.chunked_logps else None}
+
+
+def micro_batch(examples: list[dict], cfg: TrainConfig, pad_id: int) -> dict:
+    """Encoded pairs -> one micro-batch in the configured layout: packed rows without padding
+    (data.packing) or `collate`'s padded (2B, T) rows."""
+    d = cfg.data
+    if d.packing:
+        batch = pack(examples, d.max_tokens_per_row, d.max_length, pad_id)
+    else:
+        batch = collate(examples, pad_id, d.max_length)
+    return logps_path(batch, cfg)
+
+
 def policy_forward(model, batch, ld_alpha=None):
-    """`concatenated_forward` that also keeps the logit sums behind TRL's `logits/*` metrics, and the
-    plain chosen sums that the `sft` loss averages (with `ld_alpha` the others are LD-DPO sums)."""
+    """One forward over a micro-batch (padded or packed; see `logps_path` for how its log-probs are
+    computed) -> (chosen, rejected, logit sums and completion lengths, plain chosen sums): the logit
+    sums are behind TRL's `logits/*` metrics, the plain chosen sums are what the `sft` loss averages
+    (with `ld_alpha` the others are LD-DPO sums)."""
+    from dpo_lab.dpo.logprobs import sequence_terms
     from dpo_lab.dpo.loss import completion_logit_sums, sequence_logps
+    chunk = batch.get("logps_chunk_size")
+    if chunk is not None or "seq_id" in batch:
+        return sequence_terms(model, batch, chunk, ld_alpha)
+    # padded rows, full fp32 logits: the plain path, kept as the reference of the others
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    use_cache=False).logits.float()
     ids, mask = batch["input_ids"], batch["loss_mask"]
@@ -79,11 +105,12 @@ def dpo_step_terms(model, batch, cfg: TrainConfig, ref=None):
     the arguments of `dpo_metrics`."""
     from dpo_lab.dpo.loss import dpo_loss
     d = cfg.dpo
+    batch = logps_path(batch, cfg)
     pc, pr, logit_sums, plain_chosen = policy_forward(model, batch, d.ld_alpha)
     if ref is None:
         ref = reference_logps(model, batch, d.ld_alpha)
     # completion lengths: TRL's ipo and sigmoid_norm use per-token means, sft a token mean
-    n_c, n_r = batch["loss_mask"][:, 1:].sum(-1).chunk(2)
+    n_c, n_r = logit_sums[1].chunk(2)
     losses, cr, rr = dpo_loss(pc, pr, ref[0], ref[1], beta=d.beta, loss_type=d.loss_type,
                               label_smoothing=d.label_smoothing, chosen_lengths=n_c, rejected_lengths=n_r,
                               loss_weights=d.loss_weights, f_divergence_type=d.f_divergence_type,
@@ -94,11 +121,10 @@ def dpo_step_terms(model, batch, cfg: TrainConfig, ref=None):
 
 @torch.no_grad()
 def reference_logps(model, batch, ld_alpha=None):
-    """The reference policy = the same weights with the LoRA adapters switched off."""
+    """The reference policy = the same weights with the LoRA adapters switched off, scored as the
+    policy is (same layout and head path; LD-DPO sums with `ld_alpha`)."""
     with model.disable_adapter():
-        if ld_alpha is None:
-            return concatenated_forward(model, batch)
-        return policy_forward(model, batch, ld_alpha)[:2]  # LD-DPO sums, as the policy's
+        return policy_forward(model, batch, ld_alpha)[:2]
 
 
 def _sums(losses, cr, rr, pc, pr, logit_sums) -> torch.Tensor:
@@ -203,7 +229,7 @@ def train_rank(cfg_dict: dict) -> dict:
     lap("eval")
 
     def micro_batches(step):
-        return [to_device(collate([train_rows[i] for i in idx], pad_id, cfg.data.max_length), device)
+        return [to_device(micro_batch([train_rows[i] for i in idx], cfg, pad_id), device)
                 for idx in plan.micro_indices(step, rank)]
 
     ref_table = {}
@@ -240,7 +266,7 @@ def train_rank(cfg_dict: dict) -> dict:
             # / global batch: FSDP averages over ranks, so x world size restores the global mean.
             (terms[0].sum() * ws / global_batch).backward()
             sums += _sums(*terms)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += real_tokens(batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = opt.param_groups[0]["lr"]
