@@ -72,6 +72,9 @@ def one_rank(data_file, tmp_path_factory):
     runs["ld_sft chunked/packed"] = _cfg(data_file, out / "ld_fast", CHUNKED_PACKED + LD_SFT)
     runs["sft plain/padded"] = _cfg(data_file, out / "sft_plain", PLAIN + ["dpo.loss_type=['sigmoid', 'sft']"])
     runs["sft chunked/packed"] = _cfg(data_file, out / "sft_fast", CHUNKED_PACKED + ["dpo.loss_type=['sigmoid', 'sft']"])
+    full = ["quant.load_in_4bit=false"]  # LoRA on a plain fp32 base: no bitsandbytes kernels
+    runs["lora plain/padded"] = _cfg(data_file, out / "lora_plain", PLAIN + full)
+    runs["lora chunked/packed"] = _cfg(data_file, out / "lora_fast", CHUNKED_PACKED + full)
     return dict(zip(runs, _launch(list(runs.values()), 1)))
 
 
@@ -89,6 +92,12 @@ def test_four_paths_give_one_history_at_one_rank(one_rank):
     assert want[1]["rewards/accuracies"] > 0  # step 2 has learned something: not a trivial history
     # real tokens only: the 16 pairs' prompt + completion tokens, not padding or row filler
     assert want[0]["tokens"] + want[1]["tokens"] < 2 * 8 * 2 * 32
+
+
+@pytest.mark.distributed
+def test_non_quantised_base_fast_equals_plain(one_rank):
+    _assert_same_history(one_rank["lora chunked/packed"], one_rank["lora plain/padded"], "non-quantised")
+    assert one_rank["lora plain/padded"][1]["loss"] != one_rank["plain/padded"][1]["loss"]  # another base
 
 
 @pytest.mark.distributed
@@ -140,6 +149,7 @@ def test_policy_forward_fast_paths_equal_plain_values_and_gradients():
                             ("plain/packed", pack(exs, max_tokens=40, pad_id=tok.pad_token_id)),
                             ("chunked/packed", {**pack(exs, max_tokens=40, pad_id=tok.pad_token_id),
                                                 "logps_chunk_size": 3})):
+            assert "seq_id" not in batch or batch["input_ids"].shape[0] >= 2  # seams inside and across rows
             got, grads = run(batch, ld_alpha)
             for g, w, what in zip(got, want, ("chosen", "rejected", "logit sums", "lengths", "plain chosen")):
                 torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=lambda m: f"{name} {ld_alpha} {what}: {m}")
