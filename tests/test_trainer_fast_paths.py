@@ -44,9 +44,10 @@ def _cfg(data_file, out, overrides, ranks=1):
 
 def _runs(cfg_dicts):
     """Rank function: train_rank for each config in turn (one launch, not one per run); rank 0's
-    histories."""
+    histories, with the held-out evaluation after training as a last record."""
     from dpo_lab.dpo.trainer import train_rank
-    return [train_rank(c).get("history") for c in cfg_dicts]
+    return [[*r["history"], r["eval_after"]] if "history" in r else None
+            for r in (train_rank(c) for c in cfg_dicts)]
 
 
 def _launch(cfgs, ranks):
@@ -55,7 +56,12 @@ def _launch(cfgs, ranks):
 
 
 def _assert_same_history(got, want, what):
-    assert len(got) == len(want) == 2, what
+    assert len(got) == len(want) == 3, what
+    (got, g_eval), (want, w_eval) = (got[:2], got[2]), (want[:2], want[2])
+    # held-out evaluation (evaluate_preferences scores in the configured layout and head path too)
+    assert g_eval["rows"] == w_eval["rows"] == 4, what
+    for key in ("pref_accuracy", "likelihood_accuracy", "ref_likelihood_accuracy", "reward_margin"):
+        assert g_eval[key] == pytest.approx(w_eval[key], abs=2e-5), f"{what}, eval: {key}"
     for step, (g, w) in enumerate(zip(got, want), 1):
         assert g["tokens"] == w["tokens"], f"{what}, step {step}: tokens"
         for key in KEYS:

@@ -21,10 +21,9 @@ import torch
 import torch.distributed as dist
 
 from dpo_lab.dpo import checkpoint as ckpt
-from dpo_lab.dpo.batching import BatchPlan, EncodedRows, collate, encode_rows, real_tokens, to_device
+from dpo_lab.dpo.batching import BatchPlan, EncodedRows, encode_rows, layout, real_tokens, to_device
 from dpo_lab.dpo.config import ConfigError, TrainConfig, from_dict, load_config
 from dpo_lab.dpo.evaluate import evaluate_preferences
-from dpo_lab.dpo.packing import pack
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected")
@@ -72,12 +71,7 @@ def logps_path(batch: dict, cfg: TrainConfig) -> dict:
 def micro_batch(examples: list[dict], cfg: TrainConfig, pad_id: int) -> dict:
     """Encoded pairs -> one micro-batch in the configured layout: packed rows without padding
     (data.packing) or `collate`'s padded (2B, T) rows."""
-    d = cfg.data
-    if d.packing:
-        batch = pack(examples, d.max_tokens_per_row, d.max_length, pad_id)
-    else:
-        batch = collate(examples, pad_id, d.max_length)
-    return logps_path(batch, cfg)
+    return logps_path(layout(examples, pad_id, cfg.data), cfg)
 
 
 def policy_forward(model, batch, ld_alpha=None):
