@@ -14,6 +14,10 @@ so the extra memory is one chunk × V in fp32 instead of N × V, for a second ma
 Prior art: Liger Kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv:2410.10989) and
 Cut Cross-Entropy (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models",
 arXiv:2411.09009); the code here is our own, in plain torch.
+
+`sequence_terms` is the trainer's one forward path for padded (`batching.collate`) and packed
+(`packing.pack`) rows alike: counted positions (`scored_positions`) -> per-token log-probs (chunked,
+or from full logits) -> per-sequence sums by segment sum, plain and LD-DPO weighted.
 """
 import torch
 
@@ -114,7 +118,7 @@ def _check_plain_head(model) -> None:
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(cfg, name, None) not in (None, 1, 1.0):
             raise ValueError(f"{type(model).__name__} has config.{name}={getattr(cfg, name)!r}: "
-                             f"its logits are not hidden @ W^T, use concatenated_forward")
+                             f"its logits are not hidden @ W^T; use full logits (dpo.chunked_logps=false)")
 
 
 def _model_inputs(model, batch: dict) -> dict:

@@ -7,6 +7,9 @@ Each optimizer step: every rank takes its micro-batches of the global batch, run
 rejected through ONE forward (policy), gets the reference log-probs from the same model with the
 adapters disabled (or from a precomputed table), and backpropagates the DPO loss divided by the
 global batch so that FSDP's gradient averaging over ranks yields the global mean.
+By default a micro-batch is packed rows without padding (data.packing, dpo_lab.dpo.packing) and only
+the completion positions' hidden states reach the LM head, in chunks (dpo.chunked_logps,
+dpo_lab.dpo.logprobs); padded rows with full fp32 logits remain as the reference path.
 """
 import argparse
 import json
