@@ -58,8 +58,24 @@ def collate(examples: list[dict], pad_id: int, max_length: int | None = None) ->
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
 
 
+def layout(examples: list[dict], pad_id: int, data) -> dict:
+    """Encoded pairs -> a micro-batch in the layout `data` (the config's DataConfig) asks for:
+    packed rows without padding (`packing.pack`, data.packing) or `collate`'s padded rows."""
+    from dpo_lab.dpo.packing import pack
+    if data.packing:
+        return pack(examples, data.max_tokens_per_row, data.max_length, pad_id)
+    return collate(examples, pad_id, data.max_length)
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens of the sequences themselves, not padding or packed-row filler (for tokens/s)."""
+    if "real_tokens" in batch:  # packing.pack counts them
+        return int(batch["real_tokens"])
+    return int(batch["attention_mask"].sum())
 
 
 def concatenated_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

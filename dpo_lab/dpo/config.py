@@ -76,6 +76,10 @@ class DataConfig:
     max_length: Annotated[int, Strict(), Field(ge=4)] = 64  # prompt + completion tokens
     max_rows: Every | None = None    # use only the first N training rows (None or 0: all)
     drop_invalid: Bool = False       # False: an invalid row stops the run with its index
+    # Padding-free micro-batches (dpo_lab.dpo.packing): the 2B sequences end to end, position ids
+    # restarting per sequence. Ours only: TRL 1.16's `padding_free` is switched off (it warns and pads).
+    packing: Bool = True
+    max_tokens_per_row: Count | None = None  # packed row length (>= max_length); None: one row per micro-batch
 
 
 @dataclass(config=SECTION)
@@ -110,6 +114,11 @@ class DPOConfig:
     precompute_ref: Bool = False     # True: reference log-probs of the run's rows before step 1, in memory
     ref_cache: Bool = True           # precompute them AND keep them on disk (dpo_lab/dpo/ref_cache.py)
     ref_cache_dir: Name | None = None  # None: $DPO_LAB_CACHE (dpo_lab.paths.cache_dir()); under it ref_logps/
+    # Log-probs from the completion positions' hidden states through the LM head in chunks
+    # (dpo_lab.dpo.logprobs), never the [2B, T, V] fp32 logits; false: full logits (the reference).
+    # Ours only: TRL's counterpart, `use_liger_kernel`, needs the liger-kernel package.
+    chunked_logps: Bool = True
+    logps_chunk_size: Count = 256    # tokens per chunk: chunk × vocab fp32 logits at a time
 
 
 @dataclass(config=SECTION)
@@ -309,6 +318,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"would cast the packed 4-bit weights; set them equal or leave it null "
                           f"(got {cfg.fsdp.param_dtype!r})")
     _check_losses(cfg.dpo)
+    d = cfg.data  # a sequence is never split across packed rows, so every one must fit a row
+    if d.packing and d.max_tokens_per_row is not None and d.max_tokens_per_row < d.max_length:
+        raise ConfigError(f"data.max_tokens_per_row: must be >= data.max_length={d.max_length} (a packed "
+                          f"sequence is never split) (got {d.max_tokens_per_row!r})")
     try:  # a missing local data file is named now, not after the model is built
         local_path(cfg.data.source)
     except OSError as e:

@@ -9,7 +9,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from dpo_lab.dpo.batching import collate, concatenated_forward, encode_rows, to_device
+from dpo_lab.dpo.batching import collate, concatenated_forward, encode_rows, layout, to_device
+from dpo_lab.dpo.logprobs import sequence_terms
 from dpo_lab.dpo.qlora import bnb_config, resolve_model, DTYPE
 
 
@@ -90,6 +91,8 @@ def evaluate_preferences(model, rows, cfg, device) -> dict:
     mine = rows[rank * per_rank:(rank + 1) * per_rank]
     n_batches = math.ceil(per_rank / cfg.eval.batch)
     pad_id = cfg_pad_id(model)
+    # the trainer's layout and head path: eval batches are the largest, full logits would peak here
+    chunk_size = cfg.dpo.logps_chunk_size if cfg.dpo.chunked_logps else None
     sums = torch.zeros(6, dtype=torch.float64)
     was_training = model.training
     model.eval()
@@ -97,10 +100,10 @@ def evaluate_preferences(model, rows, cfg, device) -> dict:
         chunk = mine[b * cfg.eval.batch:(b + 1) * cfg.eval.batch]
         real = len(chunk)
         chunk = chunk or rows[:1]  # a rank without rows still joins the collectives
-        batch = to_device(collate(chunk, pad_id, cfg.data.max_length), device)
-        pc, pr = concatenated_forward(model, batch)
+        batch = to_device(layout(chunk, pad_id, cfg.data), device)
+        pc, pr = sequence_terms(model, batch, chunk_size)[:2]
         with model.disable_adapter():
-            rc, rr = concatenated_forward(model, batch)
+            rc, rr = sequence_terms(model, batch, chunk_size)[:2]
         margin = ((pc - rc) - (pr - rr))[:real].double().cpu()
         sums += torch.stack([(margin > 0).double().sum() + 0.5 * (margin == 0).double().sum(),
                              (pc > pr)[:real].double().sum().cpu(), (rc > rr)[:real].double().sum().cpu(),

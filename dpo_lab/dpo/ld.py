@@ -35,3 +35,22 @@ def ld_sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, ld_alpha: f
     if ld_alpha is None:
         return (token_logps * mask.to(token_logps.dtype)).sum(-1)
     return (token_logps * ld_weights(mask, ld_alpha).to(token_logps.dtype)).sum(-1)
+
+
+def ld_token_weights(seq: torch.Tensor, n_seq: int, ld_alpha: float) -> torch.Tensor:
+    """`ld_weights` for completion tokens given one by one, any layout (padded or packed rows):
+    seq (N,) names each token's sequence ([chosen_0..chosen_B, rejected_0..rejected_B], n_seq = 2B),
+    a sequence's tokens in time order. Returns (N,) weights: 1 on the first ℓ_s of a sequence, α after."""
+    check_ld_alpha(ld_alpha)
+    if n_seq % 2:
+        raise ValueError(f"n_seq is {n_seq}; LD-DPO needs [chosen; rejected], an even count")
+    counts = torch.bincount(seq, minlength=n_seq)
+    # k-th token of its sequence (1-based): rank in a stable sort by sequence minus where it starts
+    order = torch.sort(seq, stable=True).indices
+    starts = counts.cumsum(0) - counts
+    position = torch.empty_like(seq)
+    position[order] = torch.arange(1, len(seq) + 1, device=seq.device) - starts[seq[order]]
+    chosen_len, rejected_len = counts.chunk(2)
+    shared = torch.minimum(chosen_len, rejected_len).repeat(2)
+    one = torch.ones((), dtype=torch.float32, device=seq.device)
+    return torch.where(position <= shared[seq], one, float(ld_alpha))

@@ -14,6 +14,10 @@ so the extra memory is one chunk × V in fp32 instead of N × V, for a second ma
 Prior art: Liger Kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv:2410.10989) and
 Cut Cross-Entropy (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models",
 arXiv:2411.09009); the code here is our own, in plain torch.
+
+`sequence_terms` is the trainer's one forward path for padded (`batching.collate`) and packed
+(`packing.pack`) rows alike: counted positions (`scored_positions`) -> per-token log-probs (chunked,
+or from full logits) -> per-sequence sums by segment sum, plain and LD-DPO weighted.
 """
 import torch
 
@@ -114,29 +118,99 @@ def _check_plain_head(model) -> None:
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(cfg, name, None) not in (None, 1, 1.0):
             raise ValueError(f"{type(model).__name__} has config.{name}={getattr(cfg, name)!r}: "
-                             f"its logits are not hidden @ W^T, use concatenated_forward")
+                             f"its logits are not hidden @ W^T; use full logits (dpo.chunked_logps=false)")
+
+
+def _model_inputs(model, batch: dict) -> dict:
+    """The forward's arguments for either layout: padded rows (`collate`) take their attention mask;
+    packed rows (`packing.pack`) take restarting position ids and NO mask (see packing.py)."""
+    if "seq_id" in batch:
+        from dpo_lab.dpo.packing import packed_inputs
+        return packed_inputs(model, batch)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def _last_hidden_state(model, batch):
-    """The body's output, (2B, T, H), from a call of the ROOT module with one position's logits.
+    """The body's output (after the final norm), (R, T, H), from a call of the ROOT module with one
+    position's logits (`logits_to_keep=1` makes the head's own matmul [R, 1, V]).
 
-    Calling `model.get_decoder()` directly would skip the root's forward hooks: under FSDP2 the
-    root's parameters (embedding, final norm, head) stay sharded, and each decoder layer, run
-    first, makes itself an FSDP root and keeps its weights gathered after forward. So the whole
-    model runs as usual, a hook keeps the body's output, and `logits_to_keep=1` makes the head's
-    own matmul [2B, 1, V]. FSDP2 leaves the root's parameters gathered after its forward (until
-    backward), so the head's weight is whole when `token_logps` reads it.
+    Two FSDP2 reasons to go through the root and take the tensor from its OUTPUT
+    (`output_hidden_states`) rather than calling `model.get_decoder()` or hooking it: the root's
+    pre-forward gathers its parameters (embedding, final norm, head), and its pre-backward hook,
+    which FSDP2 registers on the root's output tensors only, gathers them again for backward when
+    the root reshards after forward (`qlora.shard` asks for that). A tensor captured by a hook is
+    not an output: backward through the final norm would then read a freed, resharded weight.
     """
-    seen = []
-    hook = model.get_decoder().register_forward_hook(lambda mod, args, out: seen.append(out[0]))
-    try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-              logits_to_keep=1)
-    finally:
-        hook.remove()
-    if len(seen) != 1:
-        raise RuntimeError(f"{type(model).__name__}: its decoder ran {len(seen)} times in one forward")
-    return seen[0]
+    out = model(**_model_inputs(model, batch), use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    return out.hidden_states[-1].reshape(*batch["input_ids"].shape, -1)  # flash's one packed row -> (R, L, H)
+
+
+def scored_positions(batch: dict):
+    """Which positions' next-token log-probs count, for either layout: (mask (R, T-1), seq (N,), n_seq).
+
+    Position t predicts token t + 1 (the shift of `loss.sequence_logps`) and counts if token t + 1
+    is a completion token of the SAME sequence: in packed rows the prediction across a seam (last
+    token of one sequence -> first token of the next) is dropped. `seq` names the sequence of each
+    counted position, in row-major order (so a sequence's tokens come in time order); sequences
+    are [chosen_0..chosen_B, rejected_0..rejected_B] in both layouts.
+    """
+    mask = batch["loss_mask"][:, 1:].bool()
+    if "seq_id" not in batch:
+        return mask, mask.nonzero()[:, 0], mask.shape[0]
+    seq_id = batch["seq_id"]
+    mask = mask & (seq_id[:, 1:] == seq_id[:, :-1])
+    return mask, seq_id[:, 1:][mask], 2 * batch["pairs"]
+
+
+def completion_token_logps(model, batch: dict, chunk_size: int | None = CHUNK_SIZE):
+    """Per counted position (see `scored_positions`): (log-probs (N,), mean logits (N,), seq, n_seq).
+
+    `chunk_size` None is the plain path: the model's full [R, T, V] logits, upcast to fp32 (the
+    reference, `dpo.chunked_logps=false`). Otherwise only the N counted hidden states reach the
+    head, `chunk_size` at a time (`token_logps`)."""
+    mask, seq, n_seq = scored_positions(batch)
+    labels = batch["input_ids"][:, 1:][mask]
+    if chunk_size is None:
+        logits = model(**_model_inputs(model, batch), use_cache=False).logits
+        logits = logits.reshape(*batch["input_ids"].shape, -1)[:, :-1][mask].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+        return logp, logits.detach().mean(-1), seq, n_seq
+    _check_plain_head(model)
+    # PeftModel and LoraModel forward attribute lookups to the wrapped model; LoRA layers live
+    # inside the body, so disable_adapter() applies here too.
+    h = _last_hidden_state(model, batch)[:, :-1][mask]
+    head = model.get_output_embeddings()
+    weight, bias = _whole(head.weight), _whole(getattr(head, "bias", None))
+    logp = token_logps(h, weight, labels, bias, chunk_size)
+    mean_logit = logit_sums(h.detach(), weight.detach(), None if bias is None else bias.detach())
+    return logp, mean_logit.float() / weight.shape[0], seq, n_seq
+
+
+def _whole(param):
+    """The head's parameter as one tensor. A root sharded with an explicit
+    `reshard_after_forward=True` (as `qlora.shard` does) is sharded again once its forward returns,
+    so the weight is a DTensor here: gather it (differentiably: its gradient is reduce-scattered
+    back to the shards), as FSDP's own pre-forward did."""
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+def sequence_terms(model, batch: dict, chunk_size: int | None = CHUNK_SIZE, ld_alpha: float | None = None):
+    """Everything the DPO step reads from one forward over a micro-batch, padded or packed:
+    (chosen (B,), rejected (B,), (logit sums (2B,), completion lengths (2B,)), plain chosen (B,)).
+
+    chosen/rejected are the SUMS of completion-token log-probs, or LD-DPO's sums with `ld_alpha`;
+    plain chosen is always the plain sum (the `sft` loss averages it); the logit sums are behind
+    TRL's `logits/chosen|rejected`."""
+    from dpo_lab.dpo.ld import ld_token_weights
+    logp, mean_logit, seq, n_seq = completion_token_logps(model, batch, chunk_size)
+    plain = logp.new_zeros(n_seq).index_add(0, seq, logp)
+    sums = plain
+    if ld_alpha is not None:
+        sums = logp.new_zeros(n_seq).index_add(0, seq, logp * ld_token_weights(seq, n_seq, ld_alpha))
+    logit_total = mean_logit.new_zeros(n_seq).index_add(0, seq, mean_logit)
+    lengths = torch.bincount(seq, minlength=n_seq).to(logit_total.dtype)
+    chosen, rejected = sums.chunk(2)
+    return chosen, rejected, (logit_total, lengths), plain.chunk(2)[0]
 
 
 def sequence_logps_chunked(model, batch: dict, chunk_size: int = CHUNK_SIZE):
@@ -144,25 +218,6 @@ def sequence_logps_chunked(model, batch: dict, chunk_size: int = CHUNK_SIZE):
     causal LM (also PEFT-wrapped, also under FSDP2): the body runs once over [chosen; rejected],
     then only the completion positions go through the chunked head.
 
-    Returns (chosen_logps (B,), rejected_logps (B,), (logit_sums (2B,), n_tokens (2B,))), the
-    triple `trainer.policy_forward` returns.
+    Returns (chosen_logps (B,), rejected_logps (B,), (logit_sums (2B,), n_tokens (2B,))).
     """
-    _check_plain_head(model)
-    # PeftModel and LoraModel forward attribute lookups to the wrapped model; LoRA layers live
-    # inside the body, so disable_adapter() applies here too.
-    hidden = _last_hidden_state(model, batch)
-    head = model.get_output_embeddings()
-    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    # position t predicts token t + 1 (the same shift as loss.sequence_logps)
-    mask = loss_mask[:, 1:].bool()
-    rows = mask.nonzero()[:, 0]
-    h = hidden[:, :-1][mask]
-    bias = getattr(head, "bias", None)
-    logp = token_logps(h, head.weight, input_ids[:, 1:][mask], bias, chunk_size)
-    n_seq = input_ids.shape[0]
-    totals = logp.new_zeros(n_seq).index_add(0, rows, logp)
-    mean_logit = logit_sums(h.detach(), head.weight.detach(), None if bias is None else bias.detach())
-    mean_logit = mean_logit.float() / head.weight.shape[0]
-    sums = mean_logit.new_zeros(n_seq).index_add(0, rows, mean_logit)
-    chosen, rejected = totals.chunk(2)
-    return chosen, rejected, (sums, mask.sum(-1).to(sums.dtype))
+    return sequence_terms(model, batch, chunk_size)[:3]

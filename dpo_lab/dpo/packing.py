@@ -109,22 +109,22 @@ def _check_kernel(model) -> str:
     return impl
 
 
+def packed_inputs(model, packed: dict) -> dict:
+    """The forward's arguments for packed rows: restarting position ids and no attention mask."""
+    ids, pos = packed["input_ids"], packed["position_ids"]
+    # flash varlen reads packing only from a (1, N) batch: with more rows it would attend row-wide
+    if _check_kernel(model).startswith("flash"):
+        ids, pos = ids.reshape(1, -1), pos.reshape(1, -1)
+    # attention_mask must stay None: a 2D mask switches transformers' packed-sequence detection off
+    return {"input_ids": ids, "position_ids": pos}
+
+
 def packed_sequence_logps(model, packed: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over the packed rows -> (chosen_logps, rejected_logps), each (B,), the SUM of
-    completion-token log-probs: what `concatenated_forward(model, collate(...))` returns."""
-    ids, seq_id, pos = packed["input_ids"], packed["seq_id"], packed["position_ids"]
-    # flash varlen reads packing only from a (1, N) batch: with more rows it would attend row-wide
-    flat = _check_kernel(model).startswith("flash")
-    # attention_mask must stay None: a 2D mask switches transformers' packed-sequence detection off
-    logits = model(input_ids=ids.reshape(1, -1) if flat else ids,
-                   position_ids=pos.reshape(1, -1) if flat else pos, use_cache=False).logits
-    logits = logits.reshape(*ids.shape, -1)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    # target t+1 counts if it is a completion token of the SAME sequence as t (not across a seam)
-    keep = packed["loss_mask"][:, 1:] & (seq_id[:, 1:] == seq_id[:, :-1])
-    sums = token_logp.new_zeros(2 * packed["pairs"]).index_add(0, seq_id[:, 1:][keep], token_logp[keep])
-    return sums.chunk(2)
+    completion-token log-probs: what `concatenated_forward(model, collate(...))` returns. Full
+    logits here; `logprobs.sequence_terms` is the same with the chunked head, and LD-DPO sums."""
+    from dpo_lab.dpo.logprobs import sequence_terms
+    return sequence_terms(model, packed, chunk_size=None)[:2]
 
 
 def padding_stats(examples: list[dict], max_tokens: int | None = None,

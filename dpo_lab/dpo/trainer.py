@@ -8,6 +8,9 @@ rejected through ONE forward (policy), gets the reference log-probs from the sam
 adapters disabled (by default from the reference cache: dpo_lab/dpo/ref_cache.py, computed
 once per data row before step 1 and kept on disk), and backpropagates the DPO loss divided by the
 global batch so that FSDP's gradient averaging over ranks yields the global mean.
+By default a micro-batch is packed rows without padding (data.packing, dpo_lab.dpo.packing) and only
+the completion positions' hidden states reach the LM head, in chunks (dpo.chunked_logps,
+dpo_lab.dpo.logprobs); padded rows with full fp32 logits remain as the reference path.
 """
 import argparse
 import json
@@ -22,8 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dpo_lab.dpo import checkpoint as ckpt
-from dpo_lab.dpo.batching import (BatchPlan, EncodedRows, collate, concatenated_forward, encode_rows,
-                                  to_device)
+from dpo_lab.dpo.batching import BatchPlan, EncodedRows, encode_rows, layout, real_tokens, to_device
 from dpo_lab.dpo.config import ConfigError, TrainConfig, from_dict, load_config
 from dpo_lab.dpo.evaluate import evaluate_preferences
 
@@ -62,10 +64,31 @@ def build_policy(cfg: TrainConfig, device):
     return shard(model, mesh, cfg.fsdp), tok
 
 
+def logps_path(batch: dict, cfg: TrainConfig) -> dict:
+    """The batch, told how its log-probs are computed: `logps_chunk_size` is the chunked head's
+    chunk (dpo.chunked_logps) or None for full logits. It travels with the batch so that every
+    consumer (policy, reference, a precomputed reference table) scores it the same way."""
+    d = cfg.dpo
+    return {**batch, "logps_chunk_size": d.logps_chunk_size if d.chunked_logps else None}
+
+
+def micro_batch(examples: list[dict], cfg: TrainConfig, pad_id: int) -> dict:
+    """Encoded pairs -> one micro-batch in the configured layout: packed rows without padding
+    (data.packing) or `collate`'s padded (2B, T) rows."""
+    return logps_path(layout(examples, pad_id, cfg.data), cfg)
+
+
 def policy_forward(model, batch, ld_alpha=None):
-    """`concatenated_forward` that also keeps the logit sums behind TRL's `logits/*` metrics, and the
-    plain chosen sums that the `sft` loss averages (with `ld_alpha` the others are LD-DPO sums)."""
+    """One forward over a micro-batch (padded or packed; see `logps_path` for how its log-probs are
+    computed) -> (chosen, rejected, logit sums and completion lengths, plain chosen sums): the logit
+    sums are behind TRL's `logits/*` metrics, the plain chosen sums are what the `sft` loss averages
+    (with `ld_alpha` the others are LD-DPO sums)."""
+    from dpo_lab.dpo.logprobs import sequence_terms
     from dpo_lab.dpo.loss import completion_logit_sums, sequence_logps
+    chunk = batch.get("logps_chunk_size")
+    if chunk is not None or "seq_id" in batch:
+        return sequence_terms(model, batch, chunk, ld_alpha)
+    # padded rows, full fp32 logits: the plain path, kept as the reference of the others
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    use_cache=False).logits.float()
     ids, mask = batch["input_ids"], batch["loss_mask"]
@@ -80,11 +103,12 @@ def dpo_step_terms(model, batch, cfg: TrainConfig, ref=None):
     the arguments of `dpo_metrics`."""
     from dpo_lab.dpo.loss import dpo_loss
     d = cfg.dpo
+    batch = logps_path(batch, cfg)
     pc, pr, logit_sums, plain_chosen = policy_forward(model, batch, d.ld_alpha)
     if ref is None:
         ref = reference_logps(model, batch, d.ld_alpha)
     # completion lengths: TRL's ipo and sigmoid_norm use per-token means, sft a token mean
-    n_c, n_r = batch["loss_mask"][:, 1:].sum(-1).chunk(2)
+    n_c, n_r = logit_sums[1].chunk(2)
     losses, cr, rr = dpo_loss(pc, pr, ref[0], ref[1], beta=d.beta, loss_type=d.loss_type,
                               label_smoothing=d.label_smoothing, chosen_lengths=n_c, rejected_lengths=n_r,
                               loss_weights=d.loss_weights, f_divergence_type=d.f_divergence_type,
@@ -98,13 +122,12 @@ REFERENCE_FORWARDS = 0  # calls of reference_logps in this process; a run report
 
 @torch.no_grad()
 def reference_logps(model, batch, ld_alpha=None):
-    """The reference policy = the same weights with the LoRA adapters switched off."""
+    """The reference policy = the same weights with the LoRA adapters switched off, scored as the
+    policy is (same layout and head path; LD-DPO sums with `ld_alpha`)."""
     global REFERENCE_FORWARDS
     REFERENCE_FORWARDS += 1
     with model.disable_adapter():
-        if ld_alpha is None:
-            return concatenated_forward(model, batch)
-        return policy_forward(model, batch, ld_alpha)[:2]  # LD-DPO sums, as the policy's
+        return policy_forward(model, batch, ld_alpha)[:2]
 
 
 def reference_table(cfg: TrainConfig, model, tok, rows, plan: BatchPlan, steps, device):
@@ -120,7 +143,7 @@ def reference_table(cfg: TrainConfig, model, tok, rows, plan: BatchPlan, steps, 
         cache = ref_cache.RefCache(cfg.dpo.ref_cache_dir or cache_dir(), inputs)
 
     def forward(idx):
-        batch = to_device(collate([rows[i] for i in idx], tok.pad_token_id, cfg.data.max_length), device)
+        batch = to_device(micro_batch([rows[i] for i in idx], cfg, tok.pad_token_id), device)  # as in training
         return reference_logps(model, batch, cfg.dpo.ld_alpha)
     return ref_cache.precompute(cache, keys, lambda r: [m for s in steps for m in plan.micro_indices(s, r)],
                                 forward)
@@ -228,7 +251,7 @@ def train_rank(cfg_dict: dict) -> dict:
     lap("eval")
 
     def micro_batches(step):
-        return [(idx, to_device(collate([train_rows[i] for i in idx], pad_id, cfg.data.max_length), device))
+        return [(idx, to_device(micro_batch([train_rows[i] for i in idx], cfg, pad_id), device))
                 for idx in plan.micro_indices(step, rank)]
 
     end = min(steps, cfg.debug.stop_after or steps)
@@ -271,7 +294,7 @@ def train_rank(cfg_dict: dict) -> dict:
             # / global batch: FSDP averages over ranks, so x world size restores the global mean.
             (terms[0].sum() * ws / global_batch).backward()
             sums += _sums(*terms)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += real_tokens(batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = opt.param_groups[0]["lr"]

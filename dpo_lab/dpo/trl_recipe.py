@@ -67,6 +67,9 @@ def trl_args(cfg: TrainConfig, output_dir: str, use_cpu: bool):
         label_smoothing=d.label_smoothing, f_divergence_type=d.f_divergence_type,
         f_alpha_divergence_coef=d.f_alpha_divergence_coef, ld_alpha=d.ld_alpha, discopop_tau=d.discopop_tau,
         precompute_ref_log_probs=d.precompute_ref,
+        # Not mapped, ours only: data.packing (TRL 1.16's `padding_free` is switched off: it warns
+        # and pads) and dpo.chunked_logps (TRL's twin, `use_liger_kernel`, needs liger-kernel). Both
+        # give the plain path's numbers (tests/test_trainer_fast_paths.py), so TRL runs padded.
         learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay,
         lr_scheduler_type=cfg.train.schedule, warmup_steps=cfg.train.warmup_ratio,
         max_steps=cfg.train.max_steps or -1, num_train_epochs=cfg.train.epochs,
