@@ -5,10 +5,13 @@ and steps for every variant:
 
 - **tiny**: the workbook's SFT model (character tokenizer, vocabulary of ~100);
 - **large_vocab**: Qwen2-0.5B's vocabulary (151,936) on a small random body, so that the
-  [tokens, vocabulary] logits dominate as in real models. The data are the arithmetic task's rows
-  through the project's character tokenizer: the model's embedding is resized to 151,936 rows
-  (ids above ~100 never occur in the data, but every position is still projected onto, and
-  normalised over, all 151,936 entries, which is what costs memory and time).
+  [tokens, vocabulary] logits dominate as in real models. It keeps the project's character
+  tokenizer with the embedding resized to 151,936 rows (ids above ~100 never occur in the data,
+  but every position is still projected onto, and normalised over, all 151,936 entries, which is
+  what costs memory and time).
+
+Both read the same rows: random characters with uneven prompt and completion lengths
+(`uneven_rows`), so that a padded micro-batch carries padding, as real preference data does.
 
 Variants: TRL's `DPOTrainer` as `dpo_lab.dpo.trl_recipe` sets it up (`trl_default`), then with each
 of its memory options that works on a CPU in TRL 1.16 (`precompute_ref_log_probs`, activation
@@ -143,6 +146,8 @@ def _trl_child(cfg_dict: dict, steps: int) -> dict:
     from dpo_lab.dpo.trl_recipe import build_trainer
     warnings.simplefilter("ignore")
     disable_progress_bar()
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Loading weights" bars; the bench prints its own table
     logging.getLogger("transformers").setLevel(logging.ERROR)
     cfg = from_dict(cfg_dict)
     pre = {"s": 0.0}
