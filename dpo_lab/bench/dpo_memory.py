@@ -99,7 +99,8 @@ def pieces(vocab: int = 151_936, pairs: int = 2, max_length: int = 40, seed: int
             loss = dpo_loss(pc, pr, rc, rr, beta=0.1)[0].mean()
             loss.backward()
             logps[variant] = (pc.sum() + pr.sum()).item()
-        step()  # warm-up: lazy initialisation is not part of the step's memory
+        if not peaks:  # one warm-up step: lazy initialisation is not part of a step's memory
+            step()
         if device.type == "cuda":
             peak = _cuda_peak_bytes(step, device)
         else:
