@@ -287,7 +287,9 @@ def run(quick: bool = False, steps: int | None = None, micro_batch: dict | None 
             # 2 ranks take twice the pairs per step; every trainer sees the first `pairs` rows
             ws = (1, 2) if config == "tiny" and not quick else (1,)
             base = _load(model, steps, mb[config], out, steps * mb[config] * max(ws))
-            for name, trainer, nproc, updates in variants(base, ws, trl_extras):
+            # --quick: the memory-option variants only where memory matters (the large vocabulary)
+            extras = trl_extras and (config == "large_vocab" or not quick)
+            for name, trainer, nproc, updates in variants(base, ws, extras):
                 cfg = _load(model, steps, mb[config], out, steps * mb[config] * max(ws), **updates)
                 print(f"[bench dpo] {config} {name} ...", flush=True)
                 m = _trl(cfg, steps) if trainer == "trl" else _ours(cfg, nproc, steps)
