@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import dpo_lab.bench.dpo as bench_dpo
 from dpo_lab.bench import run_bench
