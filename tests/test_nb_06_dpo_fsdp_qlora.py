@@ -71,3 +71,14 @@ def test_the_smoke_run_shows_a_reduced_beta_sweep(fig):
         for key in ("pref_accuracy", "task_success"):
             lo, mid, hi = (fig[f"beta_{beta}_{key}{s}"] for s in ("_min", "", "_max"))
             assert 0.0 <= lo <= mid <= hi <= 1.0, (beta, key, lo, mid, hi)
+
+
+def test_memory_pieces_chunked_logits_cut_the_peak(fig):
+    # 2 pairs at a 151,936 vocabulary: the [tokens, V] fp32 logits and their log-softmax dominate
+    assert 0 < fig["memory_chunked_vs_fp32_peak"] < 0.5
+
+
+def test_memory_pieces_packing_and_no_reference_cut_the_peak(fig):
+    assert fig["memory_padded_slots_per_real_token"] > 1.2  # uneven pairs: padding to remove
+    assert 0 < fig["memory_packed_vs_padded_peak"] < 0.9
+    assert 0 < fig["memory_no_reference_vs_fp32_peak"] < 0.95
