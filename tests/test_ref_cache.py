@@ -47,10 +47,14 @@ def _changed(what, base, tmp_path):
         cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, load_in_4bit=False))
     elif what == "ld_alpha":
         cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, ld_alpha=0.5))
+    elif what == "logps_path":  # full logits instead of the chunked head
+        cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, chunked_logps=False))
+    elif what == "packing":
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=False))
     return cfg, model_dir, tok
 
 
-@pytest.mark.parametrize("what", ["weights", "tokenizer", "max_length", "dtype", "quant", "ld_alpha"])
+@pytest.mark.parametrize("what", ["weights", "tokenizer", "max_length", "dtype", "quant", "ld_alpha", "logps_path", "packing"])
 def test_each_fingerprint_input_changes_the_cache_dir(what, base, tmp_path):
     key = b"k" * 16
     same = ref_cache.RefCache(tmp_path, ref_cache.fingerprint_inputs(*base))
@@ -88,7 +92,7 @@ def test_corrupt_part_and_manifest_are_named_and_dropped(base, tmp_path):
 def _cfg(tmp_path, name, *extra):
     return load_config(TINY, ["train.max_steps=3", "train.micro_batch=8", "eval.max_rows=16",
                               "checkpoint.resume=false", f"output_dir={tmp_path / name}",
-                              f"dpo.ref_cache_dir={tmp_path / 'cache'}", *extra])
+                              "dpo.ref_cache=true", f"dpo.ref_cache_dir={tmp_path / 'cache'}", *extra])
 
 
 def _diff(a, b):

@@ -71,7 +71,10 @@ def fingerprint_inputs(cfg, model_dir, tok, device_type: str = "cpu") -> dict:
     return {"schema": SCHEMA, "model": model_digest(model_dir), "tokenizer": tokenizer_digest(tok),
             "max_length": cfg.data.max_length, "dtype": cfg.model.dtype,
             "param_dtype": cfg.fsdp.param_dtype, "quant": asdict(cfg.quant),
-            "ld_alpha": cfg.dpo.ld_alpha, "device": device_type}
+            "ld_alpha": cfg.dpo.ld_alpha, "device": device_type,
+            # how the log-probs are computed: another path agrees only to float noise
+            "logps": [cfg.dpo.chunked_logps, cfg.dpo.logps_chunk_size if cfg.dpo.chunked_logps else None,
+                      cfg.data.packing, cfg.data.max_tokens_per_row]}
 
 
 def fingerprint(inputs: dict) -> str:
