@@ -215,10 +215,8 @@ def _ours(cfg, nproc: int, steps: int) -> dict:
     # each rank gets as many threads as TRL's process has
     res = run(cfg, nproc, timeout=1800, threads_per_rank=torch.get_num_threads())
     hist = res["history"][WARMUP:]
-    opts = our_options(cfg)
-    # the trainer precomputes (or caches) reference log-probs in its "setup" phase: counted
-    pre = res.get("phase_seconds", {}).get("setup", 0.0) if (opts.get("dpo.precompute_ref")
-                                                             or opts.get("dpo.ref_cache")) else 0.0
+    # the time the trainer spent precomputing (or reading cached) reference log-probs: counted
+    pre = res.get("ref_precompute_seconds") or res.get("phase_seconds", {}).get("ref_precompute", 0.0)
     return {"tokens_per_s": tokens_per_s([h["tokens"] for h in hist], [h["seconds"] for h in hist], pre, steps),
             "peak_mem_mb": max(res["rank_peak_memory_bytes"]) / 2**20,
             "tokens_per_step": statistics.mean(h["tokens"] for h in hist), "precompute_s": pre,
