@@ -32,7 +32,6 @@ import cloudpickle
 import torch
 import torch.distributed as dist
 
-SETUP_RETRIES = 1    # times a launch is started again when the process group cannot be set up
 DEATH_GRACE_S = 3.0  # how long a survivor's error waits for a silently dead rank to be noticed
 
 
@@ -100,38 +99,25 @@ def _worker(payload, rank, world_size, port, backend, threads, pg_timeout, env, 
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
-    stage = "setup_error"  # until the process group is up, fn has not run: the launch may be retried
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
         store = _rendezvous(rank, world_size, port, pg_timeout)
-        _injected_setup_failure(rank)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout),
                                 **({"device_id": torch.device("cuda", rank)} if backend == "nccl" else {}))
-        stage = "error"
         fn, args, kwargs = pickle.loads(payload)
         out = fn(*args, **kwargs)
         # Plain pickle (not torch's shared-memory reducer): the bytes outlive this process.
         results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:
-        results.put((rank, stage, traceback.format_exc()))
+        results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:
                 pass
-
-
-def _injected_setup_failure(rank: int) -> None:
-    """For the launcher's own test: DPO_LAB_FAIL_SETUP_ONCE=<path> makes rank 1's process-group
-    setup fail the first time (the file marks that it happened), as gloo's connectFullMesh sometimes
-    does on a loaded machine."""
-    path = os.environ.get("DPO_LAB_FAIL_SETUP_ONCE")
-    if path and rank == 1 and not os.path.exists(path):
-        open(path, "w").close()
-        raise RuntimeError("Gloo connectFullMesh failed with [injected] Connection closed by peer")
 
 
 def describe_exit(code: int) -> str:
@@ -168,7 +154,6 @@ class _Reports:
         self.procs, self.results = procs, results
         self.ok: dict[int, object] = {}
         self.errors: dict[int, str] = {}
-        self.setup_failed: set[int] = set()
 
     def poll(self, wait: float) -> bool:
         """Take one report (waiting up to `wait` s); False if none came."""
@@ -180,8 +165,6 @@ class _Reports:
             self.ok[rank] = pickle.loads(payload)
         else:
             self.errors[rank] = payload
-            if status == "setup_error":
-                self.setup_failed.add(rank)
         return True
 
     def silent_dead(self) -> list[int]:
@@ -215,29 +198,13 @@ def launch(fn, world_size: int, args=(), kwargs=None, *, backend: str | None = N
     if threads_per_rank is None:  # OMP_NUM_THREADS wins: oversubscribed OpenMP threads crawl
         env = os.environ.get("OMP_NUM_THREADS", "")
         threads_per_rank = int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 1) // world_size)
-    # cloudpickle sends what the ranks could not import (a notebook cell's function) by value.
-    payload = cloudpickle.dumps((fn, tuple(args), dict(kwargs or {})))
-    for attempt in range(1 + SETUP_RETRIES):
-        try:
-            return _launch_once(payload, world_size, backend, timeout, threads_per_rank)
-        except _SetupFailed as e:
-            # gloo's connectFullMesh fails now and then on a loaded machine ("Connection closed by
-            # peer", also seen in PyTorch's own CI): fn ran nowhere yet, so start the ranks afresh.
-            if attempt == SETUP_RETRIES:
-                raise e.error from None
-
-
-class _SetupFailed(Exception):
-    def __init__(self, error: RankFailed):
-        self.error = error
-
-
-def _launch_once(payload, world_size: int, backend: str, timeout: float, threads_per_rank: int) -> list:
     ctx = _context()
     results = ctx.Queue()
     port = ctx.Value("i", 0)  # rank 0 writes the store's port here
     # The process-group timeout is shorter than ours so a stuck collective raises inside the rank.
     pg_timeout = max(10, int(timeout * 0.9))
+    # cloudpickle sends what the ranks could not import (a notebook cell's function) by value.
+    payload = cloudpickle.dumps((fn, tuple(args), dict(kwargs or {})))
     procs = [ctx.Process(target=_worker, daemon=True, name=f"dpo-lab-rank{r}",
                          args=(payload, r, world_size, port, backend, threads_per_rank, pg_timeout,
                                dict(os.environ), results))
@@ -259,8 +226,6 @@ def _launch_once(payload, world_size: int, backend: str, timeout: float, threads
                 if dead := rep.silent_dead():
                     raise rep.died(dead[0])
                 rank = next(iter(rep.errors))  # the first to report: later ones may be echoes
-                if rank in rep.setup_failed and not rep.ok:
-                    raise _SetupFailed(RankFailed(rank, rep.errors[rank]))
                 raise RankFailed(rank, rep.errors[rank])
             if time.monotonic() > deadline:
                 raise RankTimeout(timeout, [r for r in range(world_size) if r not in rep.ok])
