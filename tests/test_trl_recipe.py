@@ -62,20 +62,9 @@ def test_first_batch_loss_equals_dpo_lab(setup):
 def test_logits_metrics_equal_trls_on_unequal_lengths(setup, tmp_path):
     """TRL's `logits/chosen` is a token-weighted mean over the batch's completion tokens; with
     completions of different lengths a per-sequence mean, a wrong shift or swapped halves differ."""
-    from dpo_lab.dpo.batching import collate, encode_rows
-    from dpo_lab.dpo.loss import dpo_metrics
-    from dpo_lab.dpo.qlora import add_lora, load_quantized
-    from dpo_lab.dpo.trainer import dpo_step_terms
-    from dpo_lab.dpo.trl_recipe import build_trainer, first_batch
     cfg, rows, _ = setup
-    rows = [{"prompt": r["prompt"], "chosen": r["chosen"] + "0" * i, "rejected": r["rejected"][:1]}
-            for i, r in enumerate(rows[:6])]
-    theirs = first_batch(build_trainer(cfg, str(tmp_path), rows=rows, use_cpu=True), len(rows))
-    model, tok = load_quantized(cfg.model, cfg.quant)
-    model = add_lora(model, cfg.lora, seed=cfg.train.seed)
-    batch = collate(encode_rows(tok, rows), tok.pad_token_id, cfg.data.max_length)
+    ours, theirs, batch = _first_step_on_unequal_lengths(cfg, rows, tmp_path)
     assert len(set(batch["loss_mask"].sum(1).tolist())) > 2  # lengths really differ
-    ours = dpo_metrics(*dpo_step_terms(model, batch, cfg))
     for key in ("logits/chosen", "logits/rejected", "logps/chosen", "logps/rejected"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
 
@@ -87,21 +76,10 @@ def test_loss_zoo_settings_reach_both_trainers(setup, tmp_path):
     LD-DPO's (else the step-1 margins would not be 0), and the weights must reach both trainers."""
     import dataclasses
 
-    from dpo_lab.dpo.batching import collate, encode_rows
-    from dpo_lab.dpo.loss import dpo_metrics
-    from dpo_lab.dpo.qlora import add_lora, load_quantized
-    from dpo_lab.dpo.trainer import dpo_step_terms
-    from dpo_lab.dpo.trl_recipe import build_trainer, first_batch
     base, rows, _ = setup
     cfg = dataclasses.replace(base, dpo=dataclasses.replace(
         base.dpo, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], ld_alpha=0.5))
-    rows = [{"prompt": r["prompt"], "chosen": r["chosen"] + "0" * i, "rejected": r["rejected"][:1]}
-            for i, r in enumerate(rows[:6])]
-    theirs = first_batch(build_trainer(cfg, str(tmp_path), rows=rows, use_cpu=True), len(rows))
-    model, tok = load_quantized(cfg.model, cfg.quant)
-    model = add_lora(model, cfg.lora, seed=cfg.train.seed)
-    batch = collate(encode_rows(tok, rows), tok.pad_token_id, cfg.data.max_length)
-    ours = dpo_metrics(*dpo_step_terms(model, batch, cfg))
+    ours, theirs, _ = _first_step_on_unequal_lengths(cfg, rows, tmp_path)
     for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
     # step 1: sigmoid and bco_pair give ln 2 and 2 ln 2, the rest is the SFT term's NLL
@@ -143,3 +121,19 @@ def test_accelerate_configs():
         cfg = load_config(CONFIG_DIR / "dpo" / name)
         assert cfg.quant.storage_dtype == cfg.model.dtype == "bfloat16"
         assert cfg.model.gradient_checkpointing
+
+
+def _first_step_on_unequal_lengths(cfg, rows, tmp_path):
+    """Six pairs whose completions differ in length; (our step-1 metrics, TRL's, our batch)."""
+    from dpo_lab.dpo.batching import collate, encode_rows
+    from dpo_lab.dpo.loss import dpo_metrics
+    from dpo_lab.dpo.qlora import add_lora, load_quantized
+    from dpo_lab.dpo.trainer import dpo_step_terms
+    from dpo_lab.dpo.trl_recipe import build_trainer, first_batch
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"] + "0" * i, "rejected": r["rejected"][:1]}
+            for i, r in enumerate(rows[:6])]
+    theirs = first_batch(build_trainer(cfg, str(tmp_path), rows=rows, use_cpu=True), len(rows))
+    model, tok = load_quantized(cfg.model, cfg.quant)
+    model = add_lora(model, cfg.lora, seed=cfg.train.seed)
+    batch = collate(encode_rows(tok, rows), tok.pad_token_id, cfg.data.max_length)
+    return dpo_metrics(*dpo_step_terms(model, batch, cfg)), theirs, batch
