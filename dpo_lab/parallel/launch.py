@@ -106,10 +106,16 @@ def _worker(payload, rank, world_size, port, backend, threads, pg_timeout, env, 
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout),
                                 **({"device_id": torch.device("cuda", rank)} if backend == "nccl" else {}))
+        # gloo's connectFullMesh can return on one rank while a peer is still finishing its
+        # handshake; a rank whose fn needs no collective would then exit and close the socket
+        # under that peer ("Connection closed by peer"). A barrier holds every rank until all
+        # are connected.
+        dist.barrier()
         fn, args, kwargs = pickle.loads(payload)
         out = fn(*args, **kwargs)
         # Plain pickle (not torch's shared-memory reducer): the bytes outlive this process.
         results.put((rank, "ok", pickle.dumps(out)))
+        dist.barrier()  # and none tears the group down while a peer still uses it
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
