@@ -8,6 +8,11 @@ A checkpoint is written into `<name>.partial` and renamed only after every rank 
 writing and rank 0 wrote `trainer_state.json`, so a crash while saving leaves the previous
 checkpoint as the latest complete one. Only trainable parameters (the adapters) are saved: the
 4-bit base is reloaded from the model files.
+
+`save(..., asynchronous=True)` uses DCP's `async_save`: the state is copied into CPU memory (the
+snapshot) before it returns, the shards are written by a background thread, and the returned
+`PendingSave.finish()` (collective) waits for them and only then completes the checkpoint, so a
+crash while the thread writes leaves the previous checkpoint as the latest.
 """
 import json
 import re
@@ -59,24 +64,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(root, step: int, model, optimizer, trainer_state: dict, keep: int = 2,
-         crash_hook=None) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+def _begin(root, step: int) -> tuple[Path, Path]:
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".partial")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTS)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    if crash_hook is not None:
-        crash_hook()  # tests: die with the shards half written
+    return final, tmp
+
+
+def _complete(root, tmp: Path, final: Path, state_json: str, keep: int) -> None:
+    """Collective, once every rank's shards are on disk: rank 0 marks the checkpoint complete."""
     _barrier()
     if _rank() == 0:
         # trainer_state.json last: its presence marks a complete checkpoint.
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (tmp / "trainer_state.json").write_text(state_json)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -84,6 +87,48 @@ def save(root, step: int, model, optimizer, trainer_state: dict, keep: int = 2,
         for p in old[:-keep] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
     _barrier()
+
+
+class PendingSave:
+    """An asynchronous checkpoint whose shards a background thread is writing."""
+
+    def __init__(self, root, final: Path, tmp: Path, future, state_json: str, keep: int):
+        self.root, self.final, self.tmp, self.future = root, final, tmp, future
+        self.state_json, self.keep = state_json, keep
+
+    def done(self) -> bool:
+        """This rank's writes finished (other ranks may still be writing: ask them all)."""
+        return self.future.done()
+
+    def finish(self) -> Path:
+        """Collective: wait for this rank's writes, then complete the checkpoint."""
+        self.future.result()  # re-raises a failed write here, on the training thread
+        _complete(self.root, self.tmp, self.final, self.state_json, self.keep)
+        return self.final
+
+
+def save(root, step: int, model, optimizer, trainer_state: dict, keep: int = 2,
+         crash_hook=None, asynchronous: bool = False, process_group=None):
+    """Collective: every rank calls it. Returns the final directory, or with `asynchronous` a
+    PendingSave whose finish() every rank must call before the next save and before exiting.
+    `process_group`: the group DCP's background thread talks on; give it one of its own (a gloo
+    group) so that its collectives never interleave with training's on the default group."""
+    final, tmp = _begin(root, step)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTS)
+    # the trainer keeps mutating these after an asynchronous save returns: serialise them now
+    state_json = json.dumps(trainer_state, indent=2)
+    if asynchronous:
+        # stages (copies) every tensor to CPU memory before returning, then writes in a thread
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
+                                process_group=process_group)
+    else:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    if crash_hook is not None:
+        crash_hook()  # tests: die with the shards half written (or, async, still being written)
+    if asynchronous:
+        return PendingSave(root, final, tmp, future, state_json, keep)
+    _complete(root, tmp, final, state_json, keep)
     return final
 
 

@@ -151,6 +151,9 @@ class CheckpointConfig:
     every: Every = 0                 # save every N steps (0: only at the end)
     keep: Every = 2                  # checkpoints kept (0: all)
     resume: Bool = True              # continue from the last complete checkpoint in output_dir
+    # DCP async_save: copy the state to CPU memory, write it in a background thread while training
+    # goes on; the checkpoint is completed once every rank has written (dpo_lab.dpo.checkpoint)
+    async_save: Bool = False
 
 
 @dataclass(config=SECTION)

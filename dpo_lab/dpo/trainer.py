@@ -159,6 +159,13 @@ def _sums(losses, cr, rr, pc, pr, logit_sums) -> torch.Tensor:
                         sum_c.sum(), n_c.sum(), sum_r.sum(), n_r.sum()]).double().cpu()
 
 
+def _all_true(flag: bool, device) -> bool:
+    """Collective: True on every rank iff `flag` is True on every rank (a decision all ranks share)."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
     t = t.to(device)
     dist.all_reduce(t)
@@ -280,6 +287,10 @@ def train_rank(cfg_dict: dict) -> dict:
         bar = tqdm(total=steps, initial=start, desc=f"DPO ws={ws}", mininterval=1, file=sys.stderr)
     global_batch = plan.global_batch
     model.train()
+    # asynchronous checkpoints: DCP's writer thread talks on a group of its own (see ckpt.save)
+    async_ckpt = cfg.checkpoint.async_save
+    ckpt_group = dist.new_group(backend="gloo") if async_ckpt else None
+    pending, save_blocked = None, []  # the save in flight; seconds each save held training up
     lap("setup")
     t_run = time.perf_counter()
     tokens_run = 0
@@ -320,17 +331,30 @@ def train_rank(cfg_dict: dict) -> dict:
                                 acc=f"{rec['rewards/accuracies']:.2f}", refresh=False)
             bar.update(1)
         done = step + 1
+        if pending is not None and _all_true(pending.done(), device):
+            pending.finish()  # every rank has written it: complete it now
+            pending = None
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == end:
             crash = None
             if cfg.debug.crash_while_saving == done:
                 crash = lambda: os._exit(1)  # noqa: E731  (simulated power cut mid-save)
-            ckpt.save(root, done, model, opt, {"step": done, "scheduler": sched.state_dict(),
-                                               "config": fingerprint,
-                                               "history": history, "eval_before": eval_before,
-                                               "world_size": ws, "data_position": done * global_batch},
-                      keep=cfg.checkpoint.keep, crash_hook=crash)
+            if pending is not None:
+                pending.finish()  # one save in flight at a time
+                pending = None
+            t_save = time.perf_counter()
+            pending = ckpt.save(root, done, model, opt, {"step": done, "scheduler": sched.state_dict(),
+                                                         "config": fingerprint,
+                                                         "history": history, "eval_before": eval_before,
+                                                         "world_size": ws, "data_position": done * global_batch},
+                                keep=cfg.checkpoint.keep, crash_hook=crash, asynchronous=async_ckpt,
+                                process_group=ckpt_group)
+            save_blocked.append(time.perf_counter() - t_save)
+            if not async_ckpt:
+                pending = None
         if cfg.debug.crash_at_step == done:
             os._exit(1)  # simulated crash: no cleanup, like a killed job
+    if pending is not None:
+        pending.finish()  # never exit with a checkpoint half written
     if bar is not None:
         bar.close()
     run_seconds = time.perf_counter() - t_run
@@ -341,7 +365,8 @@ def train_rank(cfg_dict: dict) -> dict:
     lap("save_adapter")
     ref_seconds = clock.get("ref_precompute", 0.0)
     result = {"rank": rank, "memory": memory, "peak_memory_bytes": peak_memory_bytes(device),
-              "phase_seconds": clock, "reference_forwards": REFERENCE_FORWARDS - forwards_before}
+              "phase_seconds": clock, "reference_forwards": REFERENCE_FORWARDS - forwards_before,
+              "checkpoint_blocked_seconds": save_blocked}
     if rank == 0:
         result.update(history=history, eval_before=eval_before, eval_after=eval_after,
                       adapter_dir=str(adapter_dir), steps=steps, start_step=start,

@@ -1,0 +1,1 @@
+"""The memory wall: asynchronous checkpoints (async_ckpt) and the DPO memory planner (planner)."""
