@@ -123,6 +123,31 @@ def cmd_exercises(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    """The DPO memory planner's breakdown for a training config (dpo_lab.memory.planner)."""
+    import json
+
+    from dpo_lab.dpo.config import ConfigError, load_config
+    from dpo_lab.memory.planner import model_shape, plan_dpo_memory
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan = plan_dpo_memory(model_shape(cfg.model.name), cfg, nproc=args.nproc, device_gib=args.device_gib,
+                               zero_stage=args.zero_stage, tp=args.tp, pp=args.pp, finetune=args.finetune,
+                               reference=args.reference)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        i = plan.inputs
+        print(f"{args.config}: {i['model']}, {i['nproc']} rank(s) (dp={i['dp']}, tp={i['tp']}, pp={i['pp']}, "
+              f"ZeRO-{i['zero_stage']}), {i['finetune']}, reference {i['reference']}, "
+              f"{i['tokens']} tokens per micro-batch; bytes per rank:")
+        print(plan.table())
+    return 0 if plan.fits in (None, True) else 1
+
+
 def cmd_train(args, rest) -> int:
     if args.kind != "dpo":
         print(f"unknown training kind {args.kind!r}; have: dpo", file=sys.stderr)
@@ -157,6 +182,20 @@ def main(argv=None) -> int:
     b.add_argument("name", nargs="?")
     b.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     b.add_argument("--out", default=None)
+    mem = sub.add_parser("memory", help="peak memory per rank of a DPO training config, term by term")
+    mem.add_argument("--config", required=True, help="YAML file (configs/dpo/*.yaml)")
+    mem.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.micro_batch=4")
+    mem.add_argument("--nproc", type=int, default=1, help="ranks (GPUs) = dp x tp x pp (default 1)")
+    mem.add_argument("--device-gib", type=float, default=None,
+                     help="memory per device in GiB: say whether it fits (exit code 1 if not)")
+    mem.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3),
+                     help="3 = FSDP, as our trainer (default)")
+    mem.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    mem.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    mem.add_argument("--finetune", choices=("lora", "full"), default="lora")
+    mem.add_argument("--reference", choices=("adapters_off", "separate", "cached"), default=None,
+                     help="default: from the config (cached with dpo.precompute_ref/ref_cache)")
+    mem.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     t = sub.add_parser("train", help="train (dpo-lab train dpo --config FILE ...)", add_help=False)
     t.add_argument("kind")
     args, rest = p.parse_known_args(argv)
@@ -166,7 +205,7 @@ def main(argv=None) -> int:
         p.error(f"unrecognised arguments: {' '.join(rest)}")
     t0 = time.perf_counter()
     code = {"list": cmd_list, "run": cmd_run, "bench": cmd_bench, "student": cmd_student,
-            "exercises": cmd_exercises}[args.cmd](args)
+            "exercises": cmd_exercises, "memory": cmd_memory}[args.cmd](args)
     if args.cmd == "run":
         print(f"total {time.perf_counter() - t0:.1f} s")
     return code

@@ -142,3 +142,12 @@ def resume_vs_uninterrupted(cfg, nproc: int = 2, crash_at: int = 4, out_dir=None
             "partial_after_crash": partial, "blocked_s": resumed["checkpoint_blocked_seconds"],
             "max_abs_diff": max_abs_diff(whole["history"], resumed["history"]),
             "eval_after": (whole["eval_after"], resumed["eval_after"])}
+
+
+def figures(blocked: dict, resume: dict) -> dict:
+    """The notebook's figures from blocked_times() and resume_vs_uninterrupted()."""
+    return {"async_ckpt_blocked_s_ratio_vs_sync": blocked["blocked_ratio_vs_sync"],
+            "async_ckpt_sync_s": blocked["sync_s"], "async_ckpt_async_blocked_s": blocked["async_blocked_s"],
+            "async_ckpt_async_total_s": blocked["async_total_s"],
+            "async_ckpt_snapshot_mib": blocked["snapshot_bytes"] / 2**20,
+            "async_resume_vs_uninterrupted_max_abs_diff": resume["max_abs_diff"]}

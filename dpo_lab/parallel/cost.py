@@ -98,10 +98,17 @@ def model_state_bytes(psi: float, zero_stage: int = 0, dp: int = 1, param_bytes:
             "optimizer": optim_bytes * psi / shard(1)}
 
 
+def lora_matrix_params(n_in: int, n_out: int, rank: int) -> int:
+    """LoRA's A (r×in) and B (out×r) of one in→out matrix (Hu et al. 2021): r·(in+out).
+    The DPO memory planner (dpo_lab.memory.planner) counts its adapters with it too."""
+    return rank * (n_in + n_out)
+
+
 def lora_params(model: ModelConfig, rank: int = 16) -> float:
     """LoRA on the 4 attention (h×h) and 2 MLP (h×4h) matrices of a GPT layer: r·(in+out) each."""
     h = model.hidden
-    return model.layers * rank * (4 * 2 * h + 2 * 5 * h)
+    per_layer = 4 * lora_matrix_params(h, h, rank) + 2 * lora_matrix_params(h, 4 * h, rank)
+    return model.layers * per_layer
 
 
 # ---------------------------------------------------------------- activations and the pipeline
