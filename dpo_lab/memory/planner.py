@@ -292,13 +292,13 @@ def _measure_rank(cfg_dict: dict) -> dict:
     appears), then measure the next step. Persistent bytes are counted from the tensors held
     (parameters' local shards, buffers, 4-bit constants, optimizer state); the step's own peak
     above them comes from torch.profiler's memory events (every allocation and free, replayed in
-    time order). Activations kept for backward are counted by a saved-tensors hook (unique
+    time order; on a GPU, max_memory_allocated above the held bytes). Activations kept for backward are counted by a saved-tensors hook (unique
     storages), a breakdown term, not part of the total."""
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
     from dpo_lab.bench.dpo_memory import _quiet_stderr
-    from dpo_lab.bench.logprobs import _cpu_peak_bytes
+    from dpo_lab.bench.logprobs import _cpu_peak_bytes, _cuda_peak_bytes
     from dpo_lab.dpo.batching import BatchPlan, EncodedRows, to_device
     from dpo_lab.dpo.config import from_dict
     from dpo_lab.dpo.qlora import resolve_model
@@ -336,8 +336,11 @@ def _measure_rank(cfg_dict: dict) -> dict:
             + sum(_nbytes(b) for b in model.buffers()) + _quant_state_bytes(model),
             "adapters": sum(_nbytes(p) for p in params),
             "optimizer": sum(_nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))}
-    with _quiet_stderr():
-        peak = _cpu_peak_bytes(lambda: step(measured))
+    if device.type == "cuda":  # the allocator's own statistics (not yet run on a GPU here)
+        peak = _cuda_peak_bytes(lambda: step(measured), device)
+    else:
+        with _quiet_stderr():
+            peak = _cpu_peak_bytes(lambda: step(measured))
     saved = {}
 
     def pack(t):
