@@ -111,7 +111,8 @@ def resume_vs_uninterrupted(cfg, nproc: int = 2, crash_at: int = 4, out_dir=None
     """Run `cfg` without interruption (synchronous checkpoints); run it again with asynchronous
     checkpoints, killing every rank right after the save of step `crash_at` was handed to the
     writer thread; resume. Returns both histories, the checkpoint the crash left as the latest
-    and the largest metric difference. `cfg.checkpoint.every` must divide `crash_at`."""
+    and the largest metric difference. `cfg.checkpoint.every` must divide `crash_at`; the runs
+    go under `out_dir` (default: a new temporary directory, left for inspection)."""
     import dataclasses
 
     from dpo_lab.dpo import checkpoint as ckpt
