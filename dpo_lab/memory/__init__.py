@@ -1,0 +1,1 @@
+"""The memory wall: roofline, activation recomputation, optimizer-state offload (notebook 14)."""

@@ -1,0 +1,227 @@
+"""Optimizer-state offload, built small: ZeRO-Offload (Ren et al. 2021) keeps Adam's state on the
+host and runs the update there; ZeRO-Infinity (Rajbhandari et al. 2021) pushes the state further,
+to NVMe, and hides the transfers behind the update by prefetching the next chunk.
+
+`OffloadedAdamW` is torch.optim.AdamW (same formula, same order of floating-point operations) whose
+two moments live in one of two tiers:
+
+- "cpu": host memory (on a GPU machine: off the device; on a CPU-only one the tier is where the
+  parameters already are, so only the bookkeeping differs);
+- "disk": one file per chunk of parameters under a temporary directory; two staging buffers are
+  resident. A single I/O thread reads chunk i+1 (and writes chunk i−1 back) while the main thread
+  updates chunk i.
+
+The update runs on the host; parameters on a GPU get a host copy (ZeRO-Offload's fp32 master).
+"""
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+TIERS = ("cpu", "disk")
+F32 = 4  # bytes per state value (the moments are fp32)
+
+
+def chunk_params(numels: list[int], chunk_numel: int) -> list[list[int]]:
+    """Indices of parameters grouped in order, each group at most chunk_numel values (a larger
+    parameter is a chunk on its own): whole tensors per chunk, so each update is per tensor as in
+    torch's AdamW."""
+    if chunk_numel < 1:
+        raise ValueError(f"chunk_numel={chunk_numel} must be >= 1")
+    chunks, cur, size = [], [], 0
+    for i, n in enumerate(numels):
+        if cur and size + n > chunk_numel:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += n
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def resident_state_bytes_formula(numels: list[int], chunk_numel: int, tier: str) -> int:
+    """Host bytes of Adam state held in memory: both moments of every parameter in the "cpu" tier;
+    two staging buffers of the largest chunk's two moments in the "disk" tier."""
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; have {TIERS}")
+    if tier == "cpu":
+        return 2 * F32 * sum(numels)
+    largest = max(sum(numels[i] for i in c) for c in chunk_params(numels, chunk_numel))
+    return 2 * 2 * F32 * largest
+
+
+class OffloadedAdamW:
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 tier="cpu", chunk_numel=1 << 20, directory=None):
+        if tier not in TIERS:
+            raise ValueError(f"unknown tier {tier!r}; have {TIERS}")
+        self.params = [p for p in params if p.requires_grad]
+        if any(p.dtype != torch.float32 for p in self.params):
+            raise ValueError("OffloadedAdamW keeps fp32 parameters; got "
+                             f"{sorted({str(p.dtype) for p in self.params})}")
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.tier, self.step_count = tier, 0
+        numels = [p.numel() for p in self.params]
+        self.numels, self.chunks = numels, chunk_params(numels, chunk_numel)
+        # Host copies of parameters that live on a device (the fp32 master weights); CPU ones are used in place.
+        self.host = [p.detach() if p.device.type == "cpu" else p.detach().cpu().pin_memory()
+                     for p in self.params]
+        self.stats = dict(read_bytes=0, write_bytes=0, io_seconds=0.0, update_seconds=0.0)
+        self.dir = None
+        if tier == "cpu":
+            self.state = [torch.zeros(2, n) for n in numels]  # exp_avg, exp_avg_sq
+            return
+        self.dir = tempfile.mkdtemp(prefix="offload-", dir=directory)
+        self.paths = [os.path.join(self.dir, f"chunk{i}.bin") for i in range(len(self.chunks))]
+        for path, c in zip(self.paths, self.chunks):
+            with open(path, "wb") as f:
+                f.truncate(2 * F32 * self._chunk_numel(c))  # zeros: Adam's moments start at 0
+        largest = max(self._chunk_numel(c) for c in self.chunks)
+        self.buffers = [torch.empty(2 * largest) for _ in range(2)]  # double buffering
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="offload-io")
+        self._io_lock = threading.Lock()
+
+    def _chunk_numel(self, c):
+        return sum(self.numels[i] for i in c)
+
+    # --- memory accounting ---
+    def resident_state_bytes(self) -> int:
+        """Bytes of the state tensors this optimizer holds in memory (counted from the tensors)."""
+        held = self.state if self.tier == "cpu" else self.buffers
+        return sum(t.untyped_storage().nbytes() for t in held)
+
+    # --- the update, as torch.optim.adam._single_tensor_adam with decoupled weight decay ---
+    def _update(self, i, exp_avg, exp_avg_sq):
+        p, grad = self.host[i], self.params[i].grad
+        if grad is None:
+            return
+        grad = grad.detach().to("cpu", non_blocking=False)
+        beta1, beta2 = self.betas
+        step = self.step_count
+        p.mul_(1 - self.lr * self.weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        step_size = self.lr / bias_correction1
+        denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _update_chunk(self, c, flat):
+        n, off = self._chunk_numel(c), 0
+        m, v = flat[:n], flat[n:2 * n]
+        for i in c:
+            k = self.numels[i]
+            self._update(i, m[off:off + k].view_as(self.host[i]), v[off:off + k].view_as(self.host[i]))
+            off += k
+
+    # --- file I/O, on the I/O thread ---
+    def _io(self, kind, j, buf):
+        n = 2 * self._chunk_numel(self.chunks[j])
+        view = buf[:n].numpy()
+        t0 = time.perf_counter()
+        with open(self.paths[j], "rb" if kind == "read" else "r+b", buffering=0) as f:
+            if kind == "read":
+                got = f.readinto(memoryview(view).cast("B"))
+                if got != view.nbytes:
+                    raise IOError(f"{self.paths[j]}: read {got} of {view.nbytes} bytes")
+            else:
+                f.write(memoryview(view).cast("B"))
+        with self._io_lock:
+            self.stats["io_seconds"] += time.perf_counter() - t0
+            self.stats[f"{kind}_bytes"] += view.nbytes
+
+    @torch.no_grad()
+    def step(self):
+        self.step_count += 1
+        t0 = time.perf_counter()
+        if self.tier == "cpu":
+            for c in self.chunks:
+                for i in c:
+                    m, v = self.state[i]
+                    self._update(i, m.view_as(self.host[i]), v.view_as(self.host[i]))
+        else:
+            pending = self.pool.submit(self._io, "read", 0, self.buffers[0])
+            writes = []
+            for j, c in enumerate(self.chunks):
+                pending.result()
+                buf = self.buffers[j % 2]
+                if j + 1 < len(self.chunks):  # FIFO pool: runs after the write that last used this buffer
+                    pending = self.pool.submit(self._io, "read", j + 1, self.buffers[(j + 1) % 2])
+                self._update_chunk(c, buf)
+                writes.append(self.pool.submit(self._io, "write", j, buf))
+            for w in writes:
+                w.result()
+        for p, h in zip(self.params, self.host):
+            if p.device.type != "cpu":
+                p.data.copy_(h, non_blocking=True)
+        self.stats["update_seconds"] += time.perf_counter() - t0
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def state_of(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exp_avg, exp_avg_sq) of parameter i, read back from its tier (for checks)."""
+        if self.tier == "cpu":
+            return tuple(t.view_as(self.params[i]).clone() for t in self.state[i])
+        j = next(j for j, c in enumerate(self.chunks) if i in c)
+        c = self.chunks[j]
+        flat = torch.from_file(self.paths[j], size=2 * self._chunk_numel(c), dtype=torch.float32)
+        off = sum(self.numels[k] for k in c[:c.index(i)])
+        n, k = self._chunk_numel(c), self.numels[i]
+        shape = self.params[i].shape
+        return flat[off:off + k].view(shape).clone(), flat[n + off:n + off + k].view(shape).clone()
+
+    def close(self):
+        """Stop the I/O thread and delete the state files."""
+        if self.dir is not None:
+            self.pool.shutdown(wait=True)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def file_bandwidth(directory=None, nbytes: int = 64 << 20, repeats: int = 3) -> dict:
+    """Sequential write and read bytes/s of one file in `directory`, as the optimizer does them
+    (unbuffered Python I/O, no fsync: the page cache may serve the reads, so on a machine with free
+    memory this is the file system's speed, not the disk's). Best of `repeats`."""
+    buf = torch.rand(nbytes // F32).numpy()
+    mv = memoryview(buf).cast("B")
+    fd, path = tempfile.mkstemp(prefix="bw-", dir=directory)
+    os.close(fd)
+    best_w = best_r = float("inf")
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with open(path, "r+b", buffering=0) as f:
+                f.write(mv)
+            best_w = min(best_w, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with open(path, "rb", buffering=0) as f:
+                f.readinto(mv)
+            best_r = min(best_r, time.perf_counter() - t0)
+    finally:
+        os.remove(path)
+    return dict(write=nbytes / best_w, read=nbytes / best_r)
+
+
+def disk_step_model(chunk_bytes: list[int], read_bw: float, write_bw: float,
+                    update_seconds: list[float]) -> float:
+    """Seconds of the "disk" tier's optimizer step. One I/O thread reads and writes every chunk
+    (busy Σ(b/read_bw + b/write_bw)); the main thread waits for the first read, updates every
+    chunk, and the last write follows: with the two overlapped, the step takes the longer of
+        Σ_j (b_j/read_bw + b_j/write_bw)      and      b_0/read_bw + Σ_j u_j + b_last/write_bw."""
+    io = sum(b / read_bw + b / write_bw for b in chunk_bytes)
+    chain = chunk_bytes[0] / read_bw + sum(update_seconds) + chunk_bytes[-1] / write_bw
+    return max(io, chain)
