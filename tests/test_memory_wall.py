@@ -147,3 +147,16 @@ def test_disk_step_model_is_the_longer_of_io_and_the_update_chain():
 def test_bad_tier_is_named():
     with pytest.raises(ValueError, match="'gpu'"):
         O.OffloadedAdamW(_model().parameters(), tier="gpu")
+
+
+def test_fsdp2_cpu_offload_policy_trains_the_same_model():
+    """torch's own offload (FSDP2 CPUOffloadPolicy, 2 gloo ranks) against no offload: same weights
+    bitwise (on the CPU the policy moves nothing, so the same kernels run on the same values), and
+    the shards and Adam's state live on the CPU."""
+    from dpo_lab.parallel.launch import launch
+    on, off = (launch(O.fsdp2_train, 2, args=(flag,), kwargs=dict(steps=2), timeout=240) for flag in (True, False))
+    assert on[0]["param_device"] == on[0]["state_device"] == "cpu"
+    for a, b in zip(on[0]["params"], off[0]["params"]):
+        assert torch.equal(a, b)
+    for a, b in zip(on[0]["params"], on[1]["params"]):  # the full tensors are the same on both ranks
+        assert torch.equal(a, b)

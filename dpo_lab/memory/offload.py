@@ -225,3 +225,45 @@ def disk_step_model(chunk_bytes: list[int], read_bw: float, write_bw: float,
     io = sum(b / read_bw + b / write_bw for b in chunk_bytes)
     chain = chunk_bytes[0] / read_bw + sum(update_seconds) + chunk_bytes[-1] / write_bw
     return max(io, chain)
+
+
+def fsdp2_train(offload: bool, steps: int = 3, seed: int = 0, model_cfg=None, batch: int = 4, seq: int = 16) -> dict:
+    """Rank function (dpo_lab.parallel.launch): TinyTransformer under torch's FSDP2 (`fully_shard`
+    per block and at the root), with or without `CPUOffloadPolicy`, trained `steps` AdamW steps on
+    the same batches on every rank. Returns the full parameters, where the sharded parameters and
+    Adam's state live, and the best step time. With CPUOffloadPolicy, FSDP2 keeps the sharded
+    parameters, gradients and optimizer state on the CPU and copies each layer's shard to the
+    device for its all-gather; on a CPU-only run the compute device *is* the CPU, so the policy
+    changes no placement and no bytes cross a bus."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    from dpo_lab.arch.transformer import TinyTransformer
+    from dpo_lab.parallel.launch import rank_device
+
+    device = rank_device()
+    torch.manual_seed(seed)  # the same initial weights on every rank: fully_shard does not broadcast
+    model = TinyTransformer(**(model_cfg or dict(dim=64, n_layers=2, n_heads=4))).to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kw = dict(offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda")) if offload else {}
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed + 1)
+    times = []
+    for _ in range(steps):
+        tokens = torch.randint(0, model.config["vocab_size"], (batch, seq), generator=g).to(device)
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        model(tokens).logsumexp(-1).mean().backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    first = next(iter(model.parameters()))
+    return dict(params=[p.full_tensor().detach().cpu().clone() for p in model.parameters()],
+                param_device=first.to_local().device.type,
+                state_device=opt.state[first]["exp_avg"].to_local().device.type,
+                compute_device=device.type, best_step_seconds=min(times))
