@@ -83,6 +83,7 @@ class OffloadedAdamW:
                 f.truncate(2 * F32 * self._chunk_numel(c))  # zeros: Adam's moments start at 0
         largest = max(self._chunk_numel(c) for c in self.chunks)
         self.buffers = [torch.empty(2 * largest) for _ in range(2)]  # double buffering
+        self.fds = [os.open(path, os.O_RDWR) for path in self.paths]
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="offload-io")
         self._io_lock = threading.Lock()
 
@@ -122,16 +123,13 @@ class OffloadedAdamW:
 
     # --- file I/O, on the I/O thread ---
     def _io(self, kind, j, buf):
-        n = 2 * self._chunk_numel(self.chunks[j])
-        view = buf[:n].numpy()
+        """Read or write chunk j's moments from/to buf: one positional system call on a file
+        opened once (no Python buffering; the call releases the GIL)."""
+        view = memoryview(buf[:2 * self._chunk_numel(self.chunks[j])].numpy()).cast("B")
         t0 = time.perf_counter()
-        with open(self.paths[j], "rb" if kind == "read" else "r+b", buffering=0) as f:
-            if kind == "read":
-                got = f.readinto(memoryview(view).cast("B"))
-                if got != view.nbytes:
-                    raise IOError(f"{self.paths[j]}: read {got} of {view.nbytes} bytes")
-            else:
-                f.write(memoryview(view).cast("B"))
+        done = os.preadv(self.fds[j], [view], 0) if kind == "read" else os.pwritev(self.fds[j], [view], 0)
+        if done != view.nbytes:
+            raise IOError(f"{self.paths[j]}: {kind} {done} of {view.nbytes} bytes")
         with self._io_lock:
             self.stats["io_seconds"] += time.perf_counter() - t0
             self.stats[f"{kind}_bytes"] += view.nbytes
@@ -182,6 +180,8 @@ class OffloadedAdamW:
         """Stop the I/O thread and delete the state files."""
         if self.dir is not None:
             self.pool.shutdown(wait=True)
+            for fd in self.fds:
+                os.close(fd)
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
 
@@ -192,28 +192,30 @@ class OffloadedAdamW:
         self.close()
 
 
-def file_bandwidth(directory=None, nbytes: int = 64 << 20, repeats: int = 3) -> dict:
-    """Sequential write and read bytes/s of one file in `directory`, as the optimizer does them
-    (unbuffered Python I/O, no fsync: the page cache may serve the reads, so on a machine with free
-    memory this is the file system's speed, not the disk's). Best of `repeats`."""
-    buf = torch.rand(nbytes // F32).numpy()
-    mv = memoryview(buf).cast("B")
-    fd, path = tempfile.mkstemp(prefix="bw-", dir=directory)
-    os.close(fd)
+def file_bandwidth(directory=None, nbytes: int = 64 << 20, files: int = 1, repeats: int = 3) -> dict:
+    """Write and read bytes/s of `files` files of `nbytes` each in `directory`, with the
+    optimizer's system calls (os.pwritev / os.preadv on files opened once, no fsync). The page
+    cache may serve the reads, so on a machine with free memory this is the file system's speed,
+    not the disk's. Best of `repeats`."""
+    buf = memoryview(torch.rand(nbytes // F32).numpy()).cast("B")
+    tmp = tempfile.mkdtemp(prefix="bw-", dir=directory)
+    fds = [os.open(os.path.join(tmp, f"f{i}"), os.O_RDWR | os.O_CREAT) for i in range(files)]
     best_w = best_r = float("inf")
     try:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            with open(path, "r+b", buffering=0) as f:
-                f.write(mv)
+            for fd in fds:
+                os.pwritev(fd, [buf], 0)
             best_w = min(best_w, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            with open(path, "rb", buffering=0) as f:
-                f.readinto(mv)
+            for fd in fds:
+                os.preadv(fd, [buf], 0)
             best_r = min(best_r, time.perf_counter() - t0)
     finally:
-        os.remove(path)
-    return dict(write=nbytes / best_w, read=nbytes / best_r)
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dict(write=files * buf.nbytes / best_w, read=files * buf.nbytes / best_r)
 
 
 def disk_step_model(chunk_bytes: list[int], read_bw: float, write_bw: float,
@@ -267,3 +269,19 @@ def fsdp2_train(offload: bool, steps: int = 3, seed: int = 0, model_cfg=None, ba
                 param_device=first.to_local().device.type,
                 state_device=opt.state[first]["exp_avg"].to_local().device.type,
                 compute_device=device.type, best_step_seconds=min(times))
+
+
+def time_training_steps(model, opt, tokens, steps: int = 4) -> dict:
+    """Best seconds (over `steps`, the first a warm-up) of forward + backward and of opt.step()
+    on the same batch: best, not mean, since neighbours on a shared machine only ever slow it."""
+    compute, update = [], []
+    for _ in range(steps + 1):
+        opt.zero_grad()
+        t0 = time.perf_counter()
+        model(tokens).logsumexp(-1).mean().backward()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        compute.append(t1 - t0)
+        update.append(t2 - t1)
+    return dict(compute=min(compute[1:]), update=min(update[1:]))
