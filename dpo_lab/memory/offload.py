@@ -271,16 +271,25 @@ def fsdp2_train(offload: bool, steps: int = 3, seed: int = 0, model_cfg=None, ba
                 compute_device=device.type, best_step_seconds=min(times))
 
 
+def _sync():
+    """Wait for queued GPU work, so that a timing covers it (a no-op on a CPU-only run)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_training_steps(model, opt, tokens, steps: int = 4) -> dict:
     """Best seconds (over `steps`, the first a warm-up) of forward + backward and of opt.step()
     on the same batch: best, not mean, since neighbours on a shared machine only ever slow it."""
     compute, update = [], []
     for _ in range(steps + 1):
         opt.zero_grad()
+        _sync()
         t0 = time.perf_counter()
         model(tokens).logsumexp(-1).mean().backward()
+        _sync()
         t1 = time.perf_counter()
         opt.step()
+        _sync()
         t2 = time.perf_counter()
         compute.append(t1 - t0)
         update.append(t2 - t1)

@@ -116,12 +116,20 @@ def saved_bytes_formula(config: dict, batch: int, seq: int, policy: str = "none"
     return blocks + outside
 
 
+def _sync():
+    """Wait for queued GPU work, so that a timing covers it (a no-op on a CPU-only run)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def step_time(model, tokens, policy: str = "none", k: int = 2, repeats: int = 3) -> float:
     """Best seconds of a forward + backward under `policy` (best of `repeats`: shared machines)."""
     best = float("inf")
     for _ in range(repeats + 1):  # the first is a warm-up
         model.zero_grad(set_to_none=True)
+        _sync()
         t0 = time.perf_counter()
         forward(model, tokens, policy, k).float().logsumexp(-1).mean().backward()
+        _sync()
         best = min(best, time.perf_counter() - t0)
     return best
