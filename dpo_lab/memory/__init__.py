@@ -1,1 +1,3 @@
-"""The memory wall: asynchronous checkpoints (async_ckpt) and the DPO memory planner (planner)."""
+"""The memory wall (notebook 14): the roofline (roofline), activation recomputation (recompute),
+optimizer-state offload to host memory and disk (offload), asynchronous checkpoints (async_ckpt)
+and the DPO memory planner (planner)."""
