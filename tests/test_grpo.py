@@ -92,3 +92,9 @@ def test_bad_inputs_are_named():
         group_advantages(torch.zeros(4), 3)
     with pytest.raises(ValueError, match="loss_type='ppo'"):
         grpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), None, torch.zeros(1), torch.ones(1, 2), loss_type="ppo")
+
+
+def test_the_notebook_sweep_equals_trl():
+    d = trl_check.loss_vs_trl_max_abs_diff()
+    assert d["cases"] == len(LOSS_TYPES) * len(SCALES) * 2 * 2 * 2
+    assert max(d["advantages"], d["loss"], d["grad"], d["metrics"]) <= TOL

@@ -5,7 +5,7 @@ import torch
 
 from dpo_lab import task
 from dpo_lab.rl import grpo
-from dpo_lab.rl.train import GRPOSettings, group_loss, train_grpo, train_on_ranks
+from dpo_lab.rl.train import GRPOSettings, group_loss, train_grpo, ws2_vs_ws1_max_abs_diff
 
 
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
@@ -43,13 +43,11 @@ def rows():
 @pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: f"{kw['loss_type']}-{kw['scale']}")
 def test_two_ranks_equal_one_rank(rows, kw):
     s = GRPOSettings(steps=2, prompts_per_step=4, G=4, lr=1e-3, temperature=1.5, beta=0.04, **kw)
-    one, two = train_on_ranks(rows, s, 1), train_on_ranks(rows, s, 2)
-    for a, b in zip(one["history"], two["history"]):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-5, (a["step"], k, a[k], b[k])
-    diff = max((one["state"][k] - two["state"][k]).abs().max().item() for k in one["state"])
-    assert diff <= 1e-4
+    d = ws2_vs_ws1_max_abs_diff(rows, s)
+    one, two = d["ws1"], d["ws2"]
+    assert len(one["history"]) == len(two["history"]) == 2 and one["history"][0].keys() == two["history"][0].keys()
+    assert d["metrics"] <= 1e-5
+    assert d["params"] <= 1e-4
     # a real run: rewards spread within groups (non-zero advantages) and the policy moved off the SFT model
     assert 0 < one["history"][0]["success"] < 1 and one["history"][1]["kl"] > 0
     assert one["history"][0]["grad_norm"] > 0

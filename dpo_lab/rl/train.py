@@ -151,3 +151,12 @@ def train_on_ranks(rows, s: GRPOSettings, world_size: int, progress: bool = Fals
     from dpo_lab.parallel.launch import launch
     return launch(train_grpo, world_size, args=(rows, s), kwargs={"progress": progress},
                   timeout=timeout, threads_per_rank=1)[0]
+
+
+def ws2_vs_ws1_max_abs_diff(rows, s: GRPOSettings) -> dict:
+    """Run `s` on 1 and on 2 ranks: {"params": max |Δ| of the final parameters, "metrics": of the
+    per-step metrics, "ws1"/"ws2": both results}, for a notebook figure."""
+    one, two = train_on_ranks(rows, s, 1), train_on_ranks(rows, s, 2)
+    params = max((one["state"][k] - two["state"][k]).abs().max().item() for k in one["state"])
+    metrics = max(abs(a[k] - b[k]) for a, b in zip(one["history"], two["history"]) for k in a)
+    return {"params": params, "metrics": metrics, "ws1": one, "ws2": two}

@@ -97,7 +97,7 @@ def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo",
 def trl_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> torch.Tensor:
     """TRL's advantages for `rewards` (N·G,), completions grouped by prompt as TRL's sampler lays them."""
     n = rewards.numel()
-    t = trainer(num_generations=G, batch_size=n, scale_rewards=scale, rollout_func=_ROLLOUT, reward_func=_REWARD)
+    t = trainer(num_generations=G, batch_size=n, scale_rewards=scale, rollout_func=_given_rollout, reward_func=_given_reward)
     _GIVEN["rewards"] = rewards.tolist()
     t.model.train()
     with warnings.catch_warnings():
@@ -109,11 +109,43 @@ def trl_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> torch
 _GIVEN = {}  # the rewards trl_advantages hands to TRL; module-level so the cached trainer keeps working
 
 
-def _ROLLOUT(prompts, trainer_):
+def _given_rollout(prompts, trainer_):  # any ids: only the rewards matter to the advantages
     n = len(prompts)
     return {"prompt_ids": [[1, 2]] * n, "completion_ids": [[3, 4]] * n, "logprobs": [[0.0, 0.0]] * n,
             "index": list(range(n))}
 
 
-def _REWARD(completions, index, **_):
+def _given_reward(completions, index, **_):
     return [_GIVEN["rewards"][i] for i in index]
+
+
+def loss_vs_trl_max_abs_diff(G: int = 4, n_prompts: int = 3, c: int = 7, seed: int = 0) -> dict:
+    """The largest |ours − TRL| over every loss_type × scale × beta ∈ {0, 0.04} × KL form × clipping
+    off/on on one ragged batch: {"advantages", "loss", "grad", "metrics", "cases"}, for a notebook figure."""
+    import itertools
+
+    from dpo_lab.rl import grpo
+    g = torch.Generator().manual_seed(seed)
+    b = n_prompts * G
+    rewards = torch.randint(0, 2, (b,), generator=g).float()
+    logps = -torch.rand(b, c, generator=g) * 3
+    mask = (torch.arange(c) < torch.randint(1, c + 1, (b, 1), generator=g)).float()
+    ref = logps + 0.3 * torch.randn(b, c, generator=g)
+    noise = torch.randn(b, c, generator=g)
+    worst = dict.fromkeys(("advantages", "loss", "grad", "metrics"), 0.0)
+    cases = 0
+    for scale in grpo.SCALES:
+        adv = grpo.group_advantages(rewards, G, scale)
+        worst["advantages"] = max(worst["advantages"], (adv - trl_advantages(rewards, G, scale)).abs().max().item())
+        for loss_type, beta, corr, spread in itertools.product(grpo.LOSS_TYPES, (0.0, 0.04), (False, True), (0.01, 0.6)):
+            kw = dict(loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=beta, kl_ratio_correction=corr)
+            old = logps + spread * noise
+            x, y = logps.clone().requires_grad_(), logps.clone().requires_grad_()
+            ours, om = grpo.grpo_loss(x, old, ref, adv, mask, **kw)
+            theirs, tm = trl_loss(y, old, ref, adv, mask, **kw)
+            ours.backward(), theirs.backward()
+            worst["loss"] = max(worst["loss"], abs(ours.item() - theirs.item()))
+            worst["grad"] = max(worst["grad"], (x.grad - y.grad).abs().max().item())
+            worst["metrics"] = max(worst["metrics"], *(abs(v - tm[k]) for k, v in om.items()))
+            cases += 1
+    return {**worst, "cases": cases}
