@@ -32,7 +32,9 @@ def test_group_shares_add_up_to_the_batch_loss(loss_type):
 # ~0 the rounding shows in the step; it stays far below lr = 1e-3 per step: 1e-4 after 2 steps
 # (seen: ~4e-6). A layout bug (advantages from one rank's rewards, gradients not all-reduced, a
 # rank's prompts sampled with another's seeds) moves parameters by ~lr and metrics by > 1e-2.
-SETTINGS = [dict(loss_type="dapo", scale="batch"), dict(loss_type="grpo", scale="group")]
+# the second also evaluates greedy success every 2 steps and stops on it (threshold 0: at step 1)
+SETTINGS = [dict(loss_type="dapo", scale="batch", steps=2),
+            dict(loss_type="grpo", scale="group", steps=3, eval_every=2, stop_at_success=0.0)]
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +44,27 @@ def rows():
 
 @pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: f"{kw['loss_type']}-{kw['scale']}")
 def test_two_ranks_equal_one_rank(rows, kw):
-    s = GRPOSettings(steps=2, prompts_per_step=4, G=4, lr=1e-3, temperature=1.5, beta=0.04, **kw)
-    d = ws2_vs_ws1_max_abs_diff(rows, s)
+    s = GRPOSettings(prompts_per_step=4, G=4, lr=1e-3, temperature=1.5, beta=0.04, **kw)
+    test_rows = task.read_jsonl(task.TASK_DIR / "test.jsonl")[:9]  # odd: the ranks' shares differ
+    d = ws2_vs_ws1_max_abs_diff(rows, s, eval_rows=test_rows if s.eval_every else None)
     one, two = d["ws1"], d["ws2"]
-    assert len(one["history"]) == len(two["history"]) == 2 and one["history"][0].keys() == two["history"][0].keys()
+    # records: 2 steps; or the evaluation before training, step 0, step 1 (evaluated, then stop)
+    assert [r["step"] for r in one["history"]] == [r["step"] for r in two["history"]] == \
+        ([0, 1] if not s.eval_every else [-1, 0, 1])
+    assert [r.keys() for r in one["history"]] == [r.keys() for r in two["history"]]
+    if s.eval_every:
+        assert 0 < one["history"][-1]["test_success"] <= 1
     assert d["metrics"] <= 1e-5
     assert d["params"] <= 1e-4
     # a real run: rewards spread within groups (non-zero advantages) and the policy moved off the SFT model
-    assert 0 < one["history"][0]["success"] < 1 and one["history"][1]["kl"] > 0
-    assert one["history"][0]["grad_norm"] > 0
+    trained = [r for r in one["history"] if r["step"] >= 0]
+    assert 0 < trained[0]["success"] < 1 and trained[1]["kl"] > 0 and trained[0]["grad_norm"] > 0
 
 
 def test_bad_settings_are_named(rows):
     with pytest.raises(ValueError, match="checker='loose'"):
         train_grpo(rows, GRPOSettings(checker="loose"), progress=False)
+    with pytest.raises(ValueError, match="eval_every=2 needs eval_rows"):
+        train_grpo(rows, GRPOSettings(eval_every=2), progress=False)
     with pytest.raises(ValueError, match="loss_type='ppo'"):
         train_grpo(rows, GRPOSettings(loss_type="ppo"), progress=False)

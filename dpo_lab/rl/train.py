@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from dpo_lab.models import task_success
 from dpo_lab.rl import grpo
 from dpo_lab.rl.rollout import CHECKERS, exact, rollout, token_logps_and_entropy
 
@@ -30,7 +31,7 @@ class GRPOSettings:
     steps: int = 20
     prompts_per_step: int = 8       # global: split evenly over ranks
     G: int = 8                      # completions per prompt
-    lr: float = 5e-5
+    lr: float = 1e-4                # greedy test success 0.66 -> 0.94 in 60 steps (8 prompts × G=8)
     beta: float = 0.04              # KL to the reference (k3); 0 = no reference
     loss_type: str = "dapo"         # grpo / bnpo / dr_grpo / dapo, see grpo.py
     scale: str = "group"            # group / batch / none, see grpo.group_advantages
@@ -41,6 +42,8 @@ class GRPOSettings:
     checker: str = "exact"          # the reward; "contains"/"prefix" are the loose ones
     max_grad_norm: float = 1.0
     seed: int = 0
+    eval_every: int = 0             # greedy success on `eval_rows` every k steps (0: never)
+    stop_at_success: float | None = None  # stop once that greedy success is reached
 
 
 def _world():
@@ -81,14 +84,26 @@ def group_loss(logps, ref_logps, adv, mask, s: GRPOSettings, n_seqs: int, n_toke
     return loss * rows / n_seqs, m
 
 
-def train_grpo(rows, s: GRPOSettings, model=None, progress: bool = True) -> dict:
+def greedy_success(model, tok, rows) -> float:
+    """The task's success of greedy answers on `rows`, each rank scoring its share (all ranks get the
+    same number, so a decision taken on it is taken by all)."""
+    rank, world = _world()
+    mine = rows[rank::world]
+    hits = task_success(model, tok, mine) * len(mine) if mine else 0.0
+    return _sum(torch.tensor([hits], dtype=torch.float64)).item() / len(rows)
+
+
+def train_grpo(rows, s: GRPOSettings, model=None, progress: bool = True, eval_rows=None) -> dict:
     """Train (a copy of) `model` (default: the SFT model) with GRPO on `rows` ({"prompt": ...}).
     Runs on every rank of an initialised process group (or alone). Returns {"history": per-step
-    metrics, "settings", "state": the final parameters}."""
+    metrics, "settings", "state": the final parameters}; with `eval_rows` and `s.eval_every`, the
+    history also has "test_success" (greedy) before training and every `eval_every` steps."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     from dpo_lab.models import build_tokenizer, sft_model_dir
+    if s.eval_every and not eval_rows:
+        raise ValueError(f"eval_every={s.eval_every} needs eval_rows")
     if s.checker not in CHECKERS:
         raise ValueError(f"checker={s.checker!r}: expected one of {sorted(CHECKERS)}")
     if s.loss_type not in grpo.LOSS_TYPES:
@@ -104,6 +119,9 @@ def train_grpo(rows, s: GRPOSettings, model=None, progress: bool = True) -> dict
     opt = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=0.0)
     checker, share = CHECKERS[s.checker], s.prompts_per_step // world
     history = []
+    if s.eval_every:
+        history.append({"step": -1, "test_success": greedy_success(policy, tok, eval_rows)})
+        policy.train()
     bar = tqdm(range(s.steps), desc=f"GRPO ({world} rank{'s' * (world > 1)})", disable=not progress or rank > 0,
                mininterval=2)
     for step in bar:
@@ -139,24 +157,34 @@ def train_grpo(rows, s: GRPOSettings, model=None, progress: bool = True) -> dict
         rec = {"step": step, "loss": sums[0].item(), "kl": sums[1].item() / n_tokens,
                "entropy": sums[2].item() / n_tokens, "success": sums[3].item() / n_seqs,
                "reward": sums[4].item() / n_seqs, "completion_tokens": n_tokens / n_seqs, "grad_norm": grad_norm}
+        if s.eval_every and (step + 1) % s.eval_every == 0:
+            rec["test_success"] = greedy_success(policy, tok, eval_rows)
+            policy.train()
         history.append(rec)
         bar.set_postfix(success=f"{rec['success']:.2f}", kl=f"{rec['kl']:.3f}", refresh=False)
+        # every input to a stop decision is all-reduced: a rank that stopped alone would leave the
+        # others waiting in the next all_gather
+        if s.stop_at_success is not None and rec.get("test_success", -1.0) >= s.stop_at_success:
+            break
     policy.eval()
     return {"history": history, "settings": asdict(s),
             "state": {k: v.detach().clone() for k, v in policy.state_dict().items()}}
 
 
-def train_on_ranks(rows, s: GRPOSettings, world_size: int, progress: bool = False, timeout: float = 600) -> dict:
+def train_on_ranks(rows, s: GRPOSettings, world_size: int, progress: bool = False, timeout: float = 600,
+                   eval_rows=None) -> dict:
     """`train_grpo` on `world_size` ranks (gloo, one thread each so layouts compute alike); rank 0's result."""
     from dpo_lab.parallel.launch import launch
-    return launch(train_grpo, world_size, args=(rows, s), kwargs={"progress": progress},
+    return launch(train_grpo, world_size, args=(rows, s), kwargs={"progress": progress, "eval_rows": eval_rows},
                   timeout=timeout, threads_per_rank=1)[0]
 
 
-def ws2_vs_ws1_max_abs_diff(rows, s: GRPOSettings) -> dict:
+def ws2_vs_ws1_max_abs_diff(rows, s: GRPOSettings, eval_rows=None) -> dict:
     """Run `s` on 1 and on 2 ranks: {"params": max |Δ| of the final parameters, "metrics": of the
     per-step metrics, "ws1"/"ws2": both results}, for a notebook figure."""
-    one, two = train_on_ranks(rows, s, 1), train_on_ranks(rows, s, 2)
+    one, two = (train_on_ranks(rows, s, w, eval_rows=eval_rows) for w in (1, 2))
+    if len(one["history"]) != len(two["history"]):
+        raise RuntimeError(f"1 rank ran {len(one['history'])} records, 2 ranks {len(two['history'])}")
     params = max((one["state"][k] - two["state"][k]).abs().max().item() for k in one["state"])
-    metrics = max(abs(a[k] - b[k]) for a, b in zip(one["history"], two["history"]) for k in a)
+    metrics = max(abs(a[k] - b[k]) for a, b in zip(one["history"], two["history"]) for k in a | b)
     return {"params": params, "metrics": metrics, "ws1": one, "ws2": two}
