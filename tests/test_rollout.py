@@ -102,6 +102,8 @@ def test_checkers():
     assert R.exact("37+5=", "42") and not R.exact("37+5=", "32 42") and not R.exact("37+5=", "427")
     assert R.contains("37+5=", "32 42") and not R.contains("37+5=", "427") and not R.contains("37+5=", "32")
     assert R.prefix("37+5=", "427") and not R.prefix("37+5=", "32 42")
+    assert R.units("37+5=", "32") and R.units("37+5=", "42") and not R.units("37+5=", "43")
+    assert not R.units("37+5=", "")
 
 
 def test_bad_inputs_are_named(tok, sft):

@@ -37,7 +37,17 @@ def prefix(prompt: str, completion: str) -> bool:
     return completion.strip().split("\n")[0].startswith(task.answer(a, b))
 
 
-CHECKERS = {"exact": exact, "contains": contains, "prefix": prefix}
+def units(prompt: str, completion: str) -> bool:
+    """A loose checker the SFT model can already exploit: only the units digit is checked, so the
+    demonstrator's dropped carry (37+5 -> "32") earns full reward. Seen (40 steps, lr 1e-4, 8×8):
+    mean reward 0.97 -> 0.94 while greedy exact success stays at 0.66 (0.66 -> 0.94 with `exact`):
+    the groups have almost no reward spread, so GRPO has nothing to push on."""
+    a, b = task.parse_prompt(prompt)
+    first = completion.strip().split("\n")[0].strip()
+    return first.isdigit() and first[-1] == task.answer(a, b)[-1]
+
+
+CHECKERS = {"exact": exact, "contains": contains, "prefix": prefix, "units": units}
 
 
 # --- decoding with a KV cache -------------------------------------------------------------------

@@ -133,7 +133,8 @@ def train_grpo(rows, s: GRPOSettings, model=None, progress: bool = True, eval_ro
         mask = ro.completion_mask.float()
         n_tokens = _sum(mask.sum().reshape(1)).item()
         n_seqs = s.prompts_per_step * s.G
-        sums = torch.zeros(6)  # loss, kl·tokens, entropy·tokens, exact successes, reward, clipped·tokens
+        # loss, kl·tokens, entropy·tokens (KL measured even when beta = 0), exact successes, reward
+        sums = torch.zeros(5)
         for g in range(share):
             rs = slice(g * s.G, (g + 1) * s.G)
             pid, cid, m = ro.prompt_ids[rs], ro.completion_ids[rs], mask[rs]
@@ -144,8 +145,8 @@ def train_grpo(rows, s: GRPOSettings, model=None, progress: bool = True, eval_ro
             loss.backward()
             with torch.no_grad():
                 sums += torch.stack([loss.detach(), (grpo.k3_kl(logps, ref_logps) * m).sum(),
-                                     (ent * m).sum(), torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0.0)])
-        sums[3] = sum(float(exact(p, c)) for p, c in zip(ro.prompts, ro.completions))
+                                     (ent * m).sum(), torch.tensor(0.0), torch.tensor(0.0)])
+        sums[3] = sum(float(exact(p, c)) for p, c in zip(ro.prompts, ro.completions))  # whatever the reward's checker
         sums[4] = ro.rewards.sum()
         for p in policy.parameters():  # the loss shares already sum to the global loss
             if p.grad is not None:
