@@ -75,6 +75,28 @@ def test_loss_gradient_and_metrics_equal_trl(loss_type, scale, beta, clipping, s
     assert (metrics["clip_ratio/region_mean"] > 0.1) == clipping
 
 
+@pytest.mark.parametrize("level,delta", [("sequence", None), ("token", 1.1), ("sequence", 1.1)])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("clipping", [False, True])
+def test_gspo_and_two_sided_clipping_equal_trl(level, delta, beta, clipping):
+    # delta = 1.1 < 1 + ε_high: the cap binds on positive-advantage tokens inside the clip range too
+    logps, old, ref, mask = _batch(3, 7, clipping, seed=7 + clipping)
+    adv = group_advantages(_rewards(3, 7), G, "group")
+    kw = dict(loss_type="grpo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, beta=beta, kl_ratio_correction=True,
+              importance_sampling_level=level, delta=delta)
+    x, y = logps.clone().requires_grad_(), logps.clone().requires_grad_()
+    loss, metrics = grpo_loss(x, old, ref, adv, mask, **kw)
+    t_loss, t_metrics = trl_check.trl_loss(y, old, ref, adv, mask, **kw)
+    loss.backward(), t_loss.backward()
+    assert abs(loss.item() - t_loss.item()) <= TOL
+    assert (x.grad - y.grad).abs().max().item() <= TOL
+    for k, v in metrics.items():
+        assert abs(v - t_metrics[k]) <= TOL, k
+    if clipping:  # ratios far from 1: the option changes the loss (near 1 it barely can)
+        plain, _ = grpo_loss(logps, old, ref, adv, mask, **{**kw, "importance_sampling_level": "token", "delta": None})
+        assert abs(loss.item() - plain.item()) > 1e-3
+
+
 def test_k3_is_a_nonnegative_kl_estimate():
     g = torch.Generator().manual_seed(0)
     logits_p, logits_q = torch.randn(50, generator=g), torch.randn(50, generator=g)
@@ -90,11 +112,14 @@ def test_bad_inputs_are_named():
         group_advantages(torch.zeros(4), 2, scale="std")
     with pytest.raises(ValueError, match="G=3"):
         group_advantages(torch.zeros(4), 3)
+    with pytest.raises(ValueError, match="needs loss_type='grpo', not 'dapo'"):
+        grpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), None, torch.zeros(1), torch.ones(1, 2), loss_type="dapo",
+                  importance_sampling_level="sequence")
     with pytest.raises(ValueError, match="loss_type='ppo'"):
         grpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), None, torch.zeros(1), torch.ones(1, 2), loss_type="ppo")
 
 
 def test_the_notebook_sweep_equals_trl():
     d = trl_check.loss_vs_trl_max_abs_diff()
-    assert d["cases"] == len(LOSS_TYPES) * len(SCALES) * 2 * 2 * 2
+    assert d["cases"] == len(LOSS_TYPES) * len(SCALES) * 2 * 2 * 2 + 3 * 2 * 2  # + GSPO / delta cases
     assert max(d["advantages"], d["loss"], d["grad"], d["metrics"]) <= TOL

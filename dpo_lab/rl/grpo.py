@@ -53,29 +53,43 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str = "dapo",
               epsilon_low: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
               max_completion_length: int | None = None, num_active_tokens: float | None = None,
-              kl_ratio_correction: bool = False):
+              kl_ratio_correction: bool = False, importance_sampling_level: str = "token",
+              delta: float | None = None):
     """GRPO loss of per-token log-probs (B, T) under the policy, the sampling (old) policy and the
     reference (ignored when beta=0); `advantages` (B,); `mask` (B, T) marks completion tokens.
     `max_completion_length` is dr_grpo's constant (default T); `num_active_tokens` is dapo's
     denominator, the active tokens of the whole global batch (default: this batch's).
     `kl_ratio_correction` multiplies k3 by the ratio π_θ/π_old, which makes its gradient the unbiased
     reverse-KL gradient when samples come from π_old (DeepSeek-V3.2, 2025; TRL's default).
+    `importance_sampling_level="sequence"` is GSPO (Zheng et al. 2025): one ratio per sequence, the
+    geometric mean of its token ratios (with loss_type="grpo" only, as TRL allows). `delta` caps the
+    unclipped ratio from above too (two-sided clipping, INTELLECT-2, Prime Intellect 2025).
     Returns (loss, metrics) with the KL and the clip ratios over active tokens."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
     if logps.shape != mask.shape or old_logps.shape != mask.shape:
         raise ValueError(f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and "
                          f"mask {tuple(mask.shape)} must have one shape")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: expected 'token' or 'sequence'")
+    if importance_sampling_level == "sequence" and loss_type != "grpo":
+        raise ValueError(f"importance_sampling_level='sequence' (GSPO) needs loss_type='grpo', not {loss_type!r}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.to(logps.dtype)
     A = advantages.unsqueeze(1)
-    ratio = torch.exp(logps - old_logps)
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "sequence":  # (B, 1): a sequence's tokens share one ratio
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1.0)).unsqueeze(1)
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * A, clipped * A)
     if beta != 0.0:
         kl = k3_kl(logps, ref_logps)
         if kl_ratio_correction:
             kl = kl * ratio
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
+    per_token = -torch.min(ratio * A, clipped * A)
+    if beta != 0.0:
         per_token = per_token + beta * kl
 
     n_tokens = mask.sum()
@@ -89,7 +103,9 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str =
         denom = n_tokens if num_active_tokens is None else torch.as_tensor(num_active_tokens, dtype=logps.dtype)
         loss = (per_token * mask).sum() / denom.clamp(min=1.0)
 
-    def token_mean(x):
+    def token_mean(x):  # one value per sequence (GSPO): their mean
+        if x.shape[1] == 1:
+            return x.to(mask.dtype).mean().item()
         return ((x.to(mask.dtype) * mask).sum() / n_tokens.clamp(min=1.0)).item()
 
     # Clipping only bites where the clipped term is the min: ratio below 1−ε with A<0, above 1+ε with A>0.

@@ -67,7 +67,7 @@ def trainer(num_generations: int = 2, batch_size: int = 4, scale_rewards: str = 
 
 def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo", epsilon_low=0.2,
              epsilon_high=None, beta=0.0, max_completion_length=None, kl_ratio_correction=False,
-             entropies=None, prompt_len=3):
+             importance_sampling_level="token", delta=None, entropies=None, prompt_len=3):
     """TRL 1.16's `GRPOTrainer._compute_loss` on these per-token tensors (B, C): (loss, logged metrics).
     Backward through the loss reaches `logps`."""
     t = trainer()
@@ -78,6 +78,7 @@ def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo",
     t.max_completion_length = max_completion_length or c
     t.current_gradient_accumulation_steps = 1
     t.args.use_bias_correction_kl = kl_ratio_correction
+    t.importance_sampling_level, t.args.delta = importance_sampling_level, delta
     ents = torch.zeros(b, c) if entropies is None else entropies
     inputs = {"prompt_ids": torch.ones(b, prompt_len, dtype=torch.long),
               "prompt_mask": torch.ones(b, prompt_len, dtype=torch.long),
@@ -97,7 +98,8 @@ def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo",
 def trl_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> torch.Tensor:
     """TRL's advantages for `rewards` (N·G,), completions grouped by prompt as TRL's sampler lays them."""
     n = rewards.numel()
-    t = trainer(num_generations=G, batch_size=n, scale_rewards=scale, rollout_func=_given_rollout, reward_func=_given_reward)
+    t = trainer(num_generations=G, batch_size=n, scale_rewards=scale, rollout_func=_given_rollout,
+                reward_func=_given_reward)
     _GIVEN["rewards"] = rewards.tolist()
     t.model.train()
     with warnings.catch_warnings():
@@ -121,7 +123,8 @@ def _given_reward(completions, index, **_):
 
 def loss_vs_trl_max_abs_diff(G: int = 4, n_prompts: int = 3, c: int = 7, seed: int = 0) -> dict:
     """The largest |ours − TRL| over every loss_type × scale × beta ∈ {0, 0.04} × KL form × clipping
-    off/on on one ragged batch: {"advantages", "loss", "grad", "metrics", "cases"}, for a notebook figure."""
+    off/on, and GSPO / two-sided clipping, on one ragged batch: {"advantages", "loss", "grad",
+    "metrics", "cases"}, for a notebook figure."""
     import itertools
 
     from dpo_lab.rl import grpo
@@ -133,19 +136,27 @@ def loss_vs_trl_max_abs_diff(G: int = 4, n_prompts: int = 3, c: int = 7, seed: i
     ref = logps + 0.3 * torch.randn(b, c, generator=g)
     noise = torch.randn(b, c, generator=g)
     worst = dict.fromkeys(("advantages", "loss", "grad", "metrics"), 0.0)
-    cases = 0
+    grid = [(scale, dict(loss_type=lt, beta=beta, kl_ratio_correction=corr), spread)
+            for scale, lt, beta, corr, spread in itertools.product(
+                grpo.SCALES, grpo.LOSS_TYPES, (0.0, 0.04), (False, True), (0.01, 0.6))]
+    grid += [("group", dict(loss_type="grpo", beta=beta, kl_ratio_correction=True, importance_sampling_level=lvl,
+                            delta=delta), spread)  # GSPO and two-sided clipping
+             for (lvl, delta), beta, spread in itertools.product(
+                 [("sequence", None), ("token", 1.1), ("sequence", 1.1)], (0.0, 0.04), (0.01, 0.6))]
     for scale in grpo.SCALES:
         adv = grpo.group_advantages(rewards, G, scale)
         worst["advantages"] = max(worst["advantages"], (adv - trl_advantages(rewards, G, scale)).abs().max().item())
-        for loss_type, beta, corr, spread in itertools.product(grpo.LOSS_TYPES, (0.0, 0.04), (False, True), (0.01, 0.6)):
-            kw = dict(loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=beta, kl_ratio_correction=corr)
-            old = logps + spread * noise
-            x, y = logps.clone().requires_grad_(), logps.clone().requires_grad_()
-            ours, om = grpo.grpo_loss(x, old, ref, adv, mask, **kw)
-            theirs, tm = trl_loss(y, old, ref, adv, mask, **kw)
-            ours.backward(), theirs.backward()
-            worst["loss"] = max(worst["loss"], abs(ours.item() - theirs.item()))
-            worst["grad"] = max(worst["grad"], (x.grad - y.grad).abs().max().item())
-            worst["metrics"] = max(worst["metrics"], *(abs(v - tm[k]) for k, v in om.items()))
-            cases += 1
+    cases = 0
+    for scale, options, spread in grid:
+        adv = grpo.group_advantages(rewards, G, scale)
+        kw = dict(epsilon_low=0.2, epsilon_high=0.28, **options)
+        old = logps + spread * noise
+        x, y = logps.clone().requires_grad_(), logps.clone().requires_grad_()
+        ours, om = grpo.grpo_loss(x, old, ref, adv, mask, **kw)
+        theirs, tm = trl_loss(y, old, ref, adv, mask, **kw)
+        ours.backward(), theirs.backward()
+        worst["loss"] = max(worst["loss"], abs(ours.item() - theirs.item()))
+        worst["grad"] = max(worst["grad"], (x.grad - y.grad).abs().max().item())
+        worst["metrics"] = max(worst["metrics"], *(abs(v - tm[k]) for k, v in om.items()))
+        cases += 1
     return {**worst, "cases": cases}
