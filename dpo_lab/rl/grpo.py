@@ -1,0 +1,118 @@
+"""GRPO's objective, from scratch (names from the papers).
+
+GRPO (Shao et al. 2024, DeepSeekMath §4.1): sample G completions per prompt, score them, and use
+the reward standardised *within its group* as every token's advantage (no value model). The
+per-token objective is PPO's clipped surrogate (Schulman et al. 2017),
+
+    ratio_t = π_θ(o_t) / π_old(o_t),    L_t = −min(ratio_t · A, clip(ratio_t, 1−ε_low, 1+ε_high) · A)
+
+plus β times the k3 estimator of KL(π_θ ‖ π_ref) (Schulman 2020, "Approximating KL divergence"):
+k3_t = π_ref/π_θ − log(π_ref/π_θ) − 1 ≥ 0, unbiased and low-variance for samples from π_θ.
+
+Normalisation choices that change the gradient (each a named option):
+- scale: "group" divides A by the group's std (GRPO); "none" does not (Dr. GRPO, Liu et al. 2025:
+  the std division up-weights easy/hard prompts); "batch" divides by the std of the whole batch.
+- loss_type: how per-token losses become one number
+    grpo     mean over each sequence's tokens, then over sequences (biases toward short wrong answers
+             and long right ones, Dr. GRPO §3.1);
+    bnpo     mean over all active tokens of the batch;
+    dapo     sum over all active tokens / active tokens of the *global* batch (DAPO, Yu et al. 2025,
+             "token-level policy gradient loss");
+    dr_grpo  sum over tokens / (sequences × max_completion_length): a constant, so no length bias.
+ε_high > ε_low is DAPO's "clip-higher".
+"""
+import torch
+
+SCALES = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+STD_EPS = 1e-4  # added to the std as TRL does (a group of equal rewards has std 0 and advantage 0)
+
+
+def group_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> torch.Tensor:
+    """A_i = r_i − mean(group of r_i), divided by the std (unbiased, as torch.std) of the group,
+    of the batch, or of nothing. `rewards` (N·G,) lists each prompt's G completions contiguously."""
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r}: expected one of {SCALES}")
+    if rewards.dim() != 1 or rewards.numel() % G:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} is not N groups of G={G}")
+    groups = rewards.view(-1, G)
+    adv = (groups - groups.mean(1, keepdim=True)).view(-1)
+    if scale == "group":
+        adv = adv / (groups.std(1).repeat_interleave(G) + STD_EPS)
+    elif scale == "batch":
+        adv = adv / (rewards.std() + STD_EPS)
+    return adv
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 = exp(ref − logp) − (ref − logp) − 1, an estimate of KL(π_θ ‖ π_ref)."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str = "dapo",
+              epsilon_low: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+              max_completion_length: int | None = None, num_active_tokens: float | None = None,
+              kl_ratio_correction: bool = False, importance_sampling_level: str = "token",
+              delta: float | None = None):
+    """GRPO loss of per-token log-probs (B, T) under the policy, the sampling (old) policy and the
+    reference (ignored when beta=0); `advantages` (B,); `mask` (B, T) marks completion tokens.
+    `max_completion_length` is dr_grpo's constant (default T); `num_active_tokens` is dapo's
+    denominator, the active tokens of the whole global batch (default: this batch's).
+    `kl_ratio_correction` multiplies k3 by the ratio π_θ/π_old, which makes its gradient the unbiased
+    reverse-KL gradient when samples come from π_old (DeepSeek-V3.2, 2025; TRL's default).
+    `importance_sampling_level="sequence"` is GSPO (Zheng et al. 2025): one ratio per sequence, the
+    geometric mean of its token ratios (with loss_type="grpo" only, as TRL allows). `delta` caps the
+    unclipped ratio from above too (two-sided clipping, INTELLECT-2, Prime Intellect 2025).
+    Returns (loss, metrics) with the KL and the clip ratios over active tokens."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+    if logps.shape != mask.shape or old_logps.shape != mask.shape:
+        raise ValueError(f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and "
+                         f"mask {tuple(mask.shape)} must have one shape")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: expected 'token' or 'sequence'")
+    if importance_sampling_level == "sequence" and loss_type != "grpo":
+        raise ValueError(f"importance_sampling_level='sequence' (GSPO) needs loss_type='grpo', not {loss_type!r}")
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    A = advantages.unsqueeze(1)
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "sequence":  # (B, 1): a sequence's tokens share one ratio
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1.0)).unsqueeze(1)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    if beta != 0.0:
+        kl = k3_kl(logps, ref_logps)
+        if kl_ratio_correction:
+            kl = kl * ratio
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
+    per_token = -torch.min(ratio * A, clipped * A)
+    if beta != 0.0:
+        per_token = per_token + beta * kl
+
+    n_tokens = mask.sum()
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / n_tokens.clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (mask.shape[0] * (max_completion_length or mask.shape[1]))
+    else:  # dapo
+        denom = n_tokens if num_active_tokens is None else torch.as_tensor(num_active_tokens, dtype=logps.dtype)
+        loss = (per_token * mask).sum() / denom.clamp(min=1.0)
+
+    def token_mean(x):  # one value per sequence (GSPO): their mean
+        if x.shape[1] == 1:
+            return x.to(mask.dtype).mean().item()
+        return ((x.to(mask.dtype) * mask).sum() / n_tokens.clamp(min=1.0)).item()
+
+    # Clipping only bites where the clipped term is the min: ratio below 1−ε with A<0, above 1+ε with A>0.
+    low = (ratio < 1 - epsilon_low) & (A < 0)
+    high = (ratio > 1 + epsilon_high) & (A > 0)
+    metrics = {"clip_ratio/low_mean": token_mean(low), "clip_ratio/high_mean": token_mean(high),
+               "clip_ratio/region_mean": token_mean(low | high)}
+    if beta != 0.0:
+        metrics["kl"] = token_mean(kl.detach())
+    return loss, metrics

@@ -1,0 +1,162 @@
+"""TRL's own GRPO code on a batch we choose: the twin that `grpo.py` is tested against.
+
+A real `GRPOTrainer` is built offline on the tiny model (one per process, reused). For the loss we
+call its `_compute_loss` with a stand-in model that returns the per-token log-probs (and entropies)
+we give it, as a model patched with TRL's fused LM head would; for the advantages we call its
+`_generate_and_score_completions` with a `rollout_func` that returns our completions and a reward
+function that returns our rewards, so TRL's grouping and normalisation code runs unchanged.
+"""
+import logging
+import os
+import tempfile
+import warnings
+
+import torch
+
+_TRAINERS = {}
+
+
+class GivenLogps(torch.nn.Module):
+    """Returns given completion log-probs (B, C) and entropies as TRL's fused-head output over the
+    whole sequence (B, P+C−1); TRL keeps the last C columns."""
+
+    def __init__(self, token_logps, entropies, prompt_len):
+        super().__init__()
+        self.token_logps, self.entropies, self.prompt_len = token_logps, entropies, prompt_len
+
+    def forward(self, input_ids=None, labels=None, fused_lm_head=False, **_):
+        from trl.trainer.utils import FusedCausalLMOutput
+        assert fused_lm_head, "TRL's GRPO loss asks for the fused LM head"
+        pad = torch.zeros(self.token_logps.shape[0], self.prompt_len - 1)
+        lp = torch.cat([pad, self.token_logps], 1)
+        ent = torch.cat([pad, self.entropies], 1)
+        on = labels[:, 1:] != -100
+        return FusedCausalLMOutput(log_probs=lp, entropy=ent, mean_logits=torch.zeros_like(ent),
+                                   is_top1=on & False, label_mask=on)
+
+
+def trainer(num_generations: int = 2, batch_size: int = 4, scale_rewards: str = "group",
+            max_completion_length: int = 8, rollout_func=None, reward_func=None):
+    """A real GRPOTrainer on the tiny random model, no reference model (beta=0 at build time)."""
+    key = (num_generations, batch_size, scale_rewards, max_completion_length, rollout_func, reward_func)
+    if key in _TRAINERS:
+        return _TRAINERS[key]
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from dpo_lab.dpo.trl_recipe import checkpointing_args
+    from dpo_lab.models import build_tiny_model, build_tokenizer
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="dpo-lab-grpo-"), report_to=[], use_cpu=True,
+                      per_device_train_batch_size=batch_size, num_generations=num_generations,
+                      max_completion_length=max_completion_length, scale_rewards=scale_rewards,
+                      beta=0.0, bf16=False, max_steps=1, seed=0, disable_tqdm=True,
+                      **checkpointing_args(False))
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        from datasets.utils.logging import disable_progress_bar
+        disable_progress_bar()
+        t = GRPOTrainer(model=build_tiny_model(seed=0), args=args, processing_class=build_tokenizer(),
+                        reward_funcs=reward_func or (lambda completions, **_: [0.0] * len(completions)),
+                        train_dataset=Dataset.from_list([{"prompt": "1+2="}] * batch_size),
+                        rollout_func=rollout_func)
+    _TRAINERS[key] = t
+    return t
+
+
+def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo", epsilon_low=0.2,
+             epsilon_high=None, beta=0.0, max_completion_length=None, kl_ratio_correction=False,
+             importance_sampling_level="token", delta=None, entropies=None, prompt_len=3):
+    """TRL 1.16's `GRPOTrainer._compute_loss` on these per-token tensors (B, C): (loss, logged metrics).
+    Backward through the loss reaches `logps`."""
+    t = trainer()
+    b, c = mask.shape
+    t.loss_type, t.beta = loss_type, beta
+    t.epsilon_low = epsilon_low
+    t.epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    t.max_completion_length = max_completion_length or c
+    t.current_gradient_accumulation_steps = 1
+    t.args.use_bias_correction_kl = kl_ratio_correction
+    t.importance_sampling_level, t.args.delta = importance_sampling_level, delta
+    ents = torch.zeros(b, c) if entropies is None else entropies
+    inputs = {"prompt_ids": torch.ones(b, prompt_len, dtype=torch.long),
+              "prompt_mask": torch.ones(b, prompt_len, dtype=torch.long),
+              "completion_ids": torch.ones(b, c, dtype=torch.long), "completion_mask": mask.long(),
+              "advantages": advantages, "old_per_token_logps": old_logps,
+              "num_items_in_batch": mask.sum().float()}
+    if beta != 0.0:
+        inputs["ref_per_token_logps"] = ref_logps
+    t.model.train()
+    t._metrics["train"].clear()
+    with warnings.catch_warnings():  # transformers 5 deprecates the name TRL reads in it
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        loss = t._compute_loss(GivenLogps(logps, ents, prompt_len), inputs)
+    return loss, {k: v[-1] for k, v in t._metrics["train"].items()}
+
+
+def trl_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> torch.Tensor:
+    """TRL's advantages for `rewards` (N·G,), completions grouped by prompt as TRL's sampler lays them."""
+    n = rewards.numel()
+    t = trainer(num_generations=G, batch_size=n, scale_rewards=scale, rollout_func=_given_rollout,
+                reward_func=_given_reward)
+    _GIVEN["rewards"] = rewards.tolist()
+    t.model.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        out = t._generate_and_score_completions([{"prompt": f"{i // G}+1="} for i in range(n)])
+    return out["advantages"]
+
+
+_GIVEN = {}  # the rewards trl_advantages hands to TRL; module-level so the cached trainer keeps working
+
+
+def _given_rollout(prompts, trainer_):  # any ids: only the rewards matter to the advantages
+    n = len(prompts)
+    return {"prompt_ids": [[1, 2]] * n, "completion_ids": [[3, 4]] * n, "logprobs": [[0.0, 0.0]] * n,
+            "index": list(range(n))}
+
+
+def _given_reward(completions, index, **_):
+    return [_GIVEN["rewards"][i] for i in index]
+
+
+def loss_vs_trl_max_abs_diff(G: int = 4, n_prompts: int = 3, c: int = 7, seed: int = 0) -> dict:
+    """The largest |ours − TRL| over every loss_type × scale × beta ∈ {0, 0.04} × KL form × clipping
+    off/on, and GSPO / two-sided clipping, on one ragged batch: {"advantages", "loss", "grad",
+    "metrics", "cases"}, for a notebook figure."""
+    import itertools
+
+    from dpo_lab.rl import grpo
+    g = torch.Generator().manual_seed(seed)
+    b = n_prompts * G
+    rewards = torch.randint(0, 2, (b,), generator=g).float()
+    logps = -torch.rand(b, c, generator=g) * 3
+    mask = (torch.arange(c) < torch.randint(1, c + 1, (b, 1), generator=g)).float()
+    ref = logps + 0.3 * torch.randn(b, c, generator=g)
+    noise = torch.randn(b, c, generator=g)
+    worst = dict.fromkeys(("advantages", "loss", "grad", "metrics"), 0.0)
+    grid = [(scale, dict(loss_type=lt, beta=beta, kl_ratio_correction=corr), spread)
+            for scale, lt, beta, corr, spread in itertools.product(
+                grpo.SCALES, grpo.LOSS_TYPES, (0.0, 0.04), (False, True), (0.01, 0.6))]
+    grid += [("group", dict(loss_type="grpo", beta=beta, kl_ratio_correction=True, importance_sampling_level=lvl,
+                            delta=delta), spread)  # GSPO and two-sided clipping
+             for (lvl, delta), beta, spread in itertools.product(
+                 [("sequence", None), ("token", 1.1), ("sequence", 1.1)], (0.0, 0.04), (0.01, 0.6))]
+    for scale in grpo.SCALES:
+        adv = grpo.group_advantages(rewards, G, scale)
+        worst["advantages"] = max(worst["advantages"], (adv - trl_advantages(rewards, G, scale)).abs().max().item())
+    cases = 0
+    for scale, options, spread in grid:
+        adv = grpo.group_advantages(rewards, G, scale)
+        kw = dict(epsilon_low=0.2, epsilon_high=0.28, **options)
+        old = logps + spread * noise
+        x, y = logps.clone().requires_grad_(), logps.clone().requires_grad_()
+        ours, om = grpo.grpo_loss(x, old, ref, adv, mask, **kw)
+        theirs, tm = trl_loss(y, old, ref, adv, mask, **kw)
+        ours.backward(), theirs.backward()
+        worst["loss"] = max(worst["loss"], abs(ours.item() - theirs.item()))
+        worst["grad"] = max(worst["grad"], (x.grad - y.grad).abs().max().item())
+        worst["metrics"] = max(worst["metrics"], *(abs(v - tm[k]) for k, v in om.items()))
+        cases += 1
+    return {**worst, "cases": cases}
