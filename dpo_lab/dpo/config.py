@@ -111,11 +111,12 @@ class DPOConfig:
     f_alpha_divergence_coef: Fraction = 0.5                    # α of alpha_divergence (TRL's)
     ld_alpha: Fraction | None = None  # LD-DPO weight of the longer completion's extra tokens; None: DPO
     discopop_tau: Positive = 0.05
-    precompute_ref: Bool = False     # True: reference log-probs of the run's rows before step 1, in memory
-    # precompute them AND keep them on disk (dpo_lab/dpo/ref_cache.py). Off by default for now: values
-    # reused from micro-batches of another make-up differ from a fresh forward by float noise, enough
-    # to move step-1 metrics that compare policy and reference exactly (rewards/accuracies uses >).
-    ref_cache: Bool = False
+    # The plain path computes the reference log-probs in each step. precompute_ref: all of the run's
+    # micro-batches before step 1, kept in memory; ref_cache (implies it): also kept on disk and
+    # reused by any later run that scores the very same micro-batch (dpo_lab/dpo/ref_cache.py), so
+    # reuse is bitwise equal to the plain path; both false: the plain path.
+    precompute_ref: Bool = False
+    ref_cache: Bool = True
     ref_cache_dir: Name | None = None  # None: $DPO_LAB_CACHE (dpo_lab.paths.cache_dir()); under it ref_logps/
     # Log-probs from the completion positions' hidden states through the LM head in chunks
     # (dpo_lab.dpo.logprobs), never the [2B, T, V] fp32 logits; false: full logits (the reference).

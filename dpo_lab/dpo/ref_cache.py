@@ -1,30 +1,49 @@
-"""The reference log-probs of each training row, computed once and kept on disk.
+"""The reference log-probs of each training micro-batch, computed once and kept on disk.
 
-The reference policy never changes during DPO, so log π_ref(y|x) of a row is a constant of the
-run (Rafailov et al. 2023, §4; TRL's `precompute_ref_log_probs`). We store it per data row, not
-per step, so a β sweep, another seed or a resumed run reuses it:
+The reference policy never changes during DPO, so log π_ref(y|x) is a constant of the run
+(Rafailov et al. 2023, §4; TRL's `precompute_ref_log_probs`), and a β sweep, a rerun or a resumed
+run can reuse it. Reused values must be the very floats a fresh reference forward would give,
+since step-1 metrics compare policy and reference exactly (`rewards/accuracies` counts `>`). A
+row's log-prob is not a function of the row alone: its micro-batch's padded length, packing
+layout and neighbours change the matmul shapes and so the float rounding (~1e-7). So a value is
+keyed by the whole computation that produced it, and reused only for the same computation:
 
-    <cache>/ref_logps/<fingerprint>/manifest.json        the inputs hashed + the parts below
-    <cache>/ref_logps/<fingerprint>/part-<sha>.safetensors  row keys (N, 16) uint8, chosen (N,), rejected (N,)
+    entry key = H(micro-batch key, position of the row in it)
+    micro-batch key = H(every tensor the forward receives: names, dtypes, shapes, bytes,
+                        + its other fields + the rank's environment: torch and transformers
+                        versions, torch threads, world size, device)
 
-The fingerprint hashes what the numbers depend on besides the row: the base model's files
-(config + weights, read from disk: the adapters are never in them), the tokenizer's serialisation,
-max_length, the dtypes, the quantisation settings and ld_alpha. A row's key hashes its token ids,
-so a changed text, tokenizer or truncation gives new keys. Files are written to a temporary name
-and renamed (atomic on POSIX), and each part's sha256 is in the manifest: a torn or corrupt part
-is reported by name and its rows are recomputed.
+and the directory's fingerprint hashes the rest: the base model's files (config + weights, read
+from disk: the adapters are never in them), the tokenizer, max_length, the dtypes, the
+quantisation settings, ld_alpha and the log-prob path. Same fingerprint and same micro-batch key
+means the same deterministic forward on the same inputs, hence the same bits; anything else
+misses and is recomputed (`stats["other_layout"]` counts rows that were cached under another
+make-up). Keying by the actual tensors rather than by a list of layout settings means a layout
+option added later cannot be forgotten in the key. What it costs: another world size, batch size
+or thread count recomputes instead of reusing values that may be ~1e-7 off.
+
+    <cache>/ref_logps/<fingerprint>/manifest.json           the inputs hashed + the parts below
+    <cache>/ref_logps/<fingerprint>/part-<sha>.safetensors  entry keys (N, 16), row keys (N, 16),
+                                                             chosen (N,), rejected (N,) float32
+
+Files are written under a unique temporary name and renamed (atomic on POSIX), the manifest's
+read-modify-write holds an exclusive lock (two runs with one fingerprint, e.g. pytest-xdist
+workers, never drop each other's parts), and each part's sha256 is in the manifest: a torn or
+corrupt part is reported by name and its rows are recomputed.
 """
+import fcntl
 import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-SCHEMA = 1  # bump when the log-prob convention changes: old caches then miss instead of lying
+SCHEMA = 2  # bump when the key or log-prob convention changes: old caches then miss instead of lying
 _HUB_BLOB = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -61,9 +80,44 @@ def tokenizer_digest(tok) -> str:
 
 
 def row_key(encoded: dict) -> bytes:
-    """16-byte key of one encoded pair: its prompt, chosen and rejected token ids."""
+    """16-byte key of one encoded pair: its prompt, chosen and rejected token ids (for the stats:
+    it tells a row cached under another micro-batch make-up from a row never seen)."""
     ids = [encoded["prompt_ids"], encoded["chosen_ids"], encoded["rejected_ids"]]
     return hashlib.blake2b(json.dumps(ids).encode(), digest_size=16).digest()
+
+
+def environment(device) -> dict:
+    """What besides the inputs decides a forward's rounding on this rank."""
+    import transformers
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "threads": torch.get_num_threads(), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+           "device": torch.device(device).type}
+    if env["device"] == "cuda":  # kernels differ between GPU models and with TF32 on or off
+        env.update(gpu=torch.cuda.get_device_name(device), tf32=torch.backends.cuda.matmul.allow_tf32,
+                   cudnn_tf32=torch.backends.cudnn.allow_tf32)
+    return env
+
+
+def batch_key(batch: dict, env: dict) -> bytes:
+    """16-byte key of one micro-batch as the reference forward receives it: every tensor's name,
+    dtype, shape and bytes (so the padded or packed length and the row order are in it), every
+    other field, and the rank's `environment`."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(env, sort_keys=True).encode())
+    for name in sorted(batch):
+        v = batch[name]
+        if torch.is_tensor(v):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f"|{name}:{t.dtype}:{tuple(v.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"|{name}={v!r}".encode())
+    return h.digest()
+
+
+def entry_key(micro_key: bytes, position: int) -> bytes:
+    """Key of the row at `position` of the micro-batch keyed `micro_key`."""
+    return hashlib.blake2b(micro_key + position.to_bytes(4, "little"), digest_size=16).digest()
 
 
 def fingerprint_inputs(cfg, model_dir, tok, device_type: str = "cpu") -> dict:
@@ -82,14 +136,29 @@ def fingerprint(inputs: dict) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never half
+    # unique per writer (pid + random): two processes never write into one temporary file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _locked(path: Path):
+    """Exclusive advisory lock: one manifest read-modify-write at a time across processes."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class RefCache:
-    """One fingerprint's directory. `load` returns {row key: (chosen, rejected)} and the problems
-    it found; `save` adds a part."""
+    """One fingerprint's directory. `load` returns {entry key: (row key, chosen, rejected)} and the
+    problems it found; `save` adds a part."""
 
     def __init__(self, root, inputs: dict):
         self.inputs = inputs
@@ -116,72 +185,89 @@ class RefCache:
                 if _sha256_file(path) != part["sha256"]:
                     raise ValueError("sha256 differs from the manifest (truncated or corrupt)")
                 t = load_file(str(path))
-                keys, c, r = t["keys"], t["chosen"], t["rejected"]
-                if not (keys.shape == (part["rows"], 16) and c.shape == r.shape == (part["rows"],)):
-                    raise ValueError(f"shapes {tuple(keys.shape)}, {tuple(c.shape)}, {tuple(r.shape)} "
-                                     f"do not hold {part['rows']} rows")
+                keys, rows, c, r = t["keys"], t["rows"], t["chosen"], t["rejected"]
+                n = part["rows"]
+                if not (keys.shape == rows.shape == (n, 16) and c.shape == r.shape == (n,)):
+                    raise ValueError(f"shapes {tuple(keys.shape)}, {tuple(rows.shape)}, {tuple(c.shape)}, "
+                                     f"{tuple(r.shape)} do not hold {n} rows")
             except Exception as e:  # noqa: BLE001  (any unreadable part: recompute, never crash)
                 problems.append(f"{path}: {e}; its {part.get('rows', '?')} rows are recomputed")
                 continue
-            for k, a, b in zip(keys.numpy(), c.tolist(), r.tolist()):
-                table[bytes(k)] = (a, b)
+            for k, w, a, b in zip(keys.numpy(), rows.numpy(), c.tolist(), r.tolist()):
+                table[bytes(k)] = (bytes(w), a, b)
         return table, problems
 
     def save(self, new: dict) -> Path:
-        """Write `new` {key: (chosen, rejected)} as one part, then list it in the manifest."""
+        """Write `new` {entry key: (row key, chosen, rejected)} as one part, then list it in the manifest."""
         from safetensors.torch import save_file
         self.dir.mkdir(parents=True, exist_ok=True)
         keys = sorted(new)
+
+        def column(j, dtype):
+            return torch.tensor([new[k][j] for k in keys], dtype=dtype)
         tensors = {"keys": torch.tensor([list(k) for k in keys], dtype=torch.uint8).reshape(-1, 16),
-                   "chosen": torch.tensor([new[k][0] for k in keys], dtype=torch.float32),
-                   "rejected": torch.tensor([new[k][1] for k in keys], dtype=torch.float32)}
+                   "rows": torch.tensor([list(new[k][0]) for k in keys], dtype=torch.uint8).reshape(-1, 16),
+                   "chosen": column(1, torch.float32), "rejected": column(2, torch.float32)}
         name = "part-" + hashlib.sha256(b"".join(keys)).hexdigest()[:16] + ".safetensors"
         _atomic_write(self.dir / name, lambda p: save_file(tensors, str(p)))
-        parts = [q for q in self._parts([]) if q["file"] != name]  # re-read: another run may have added one
-        parts.append({"file": name, "rows": len(keys), "sha256": _sha256_file(self.dir / name)})
-        body = json.dumps({"inputs": self.inputs, "parts": parts}, indent=1)
-        _atomic_write(self.manifest, lambda p: p.write_text(body))
+        with _locked(self.dir / ".lock"):  # re-read under the lock: another run may have added a part
+            parts = [q for q in self._parts([]) if q["file"] != name]
+            parts.append({"file": name, "rows": len(keys), "sha256": _sha256_file(self.dir / name)})
+            body = json.dumps({"inputs": self.inputs, "parts": parts}, indent=1)
+            _atomic_write(self.manifest, lambda p: p.write_text(body))
         return self.dir / name
 
 
-def precompute(cache: RefCache | None, keys: dict, batches, forward) -> tuple[dict, dict]:
-    """Collective: the reference log-probs of every row in `keys` {row index: row key}.
+def precompute(cache: RefCache | None, plan: list, build, forward, row_keys: dict, env: dict):
+    """Collective: the reference log-probs of each of this rank's micro-batches.
 
-    Rank 0 alone reads the cache and broadcasts it, so all ranks agree on which rows are missing.
-    `batches(r)` lists rank r's micro-batches (lists of row indices, in training order) and
-    `forward(idx)` runs THIS rank's reference forward on one (a collective under FSDP). A
-    micro-batch runs on every rank when any rank's copy of it holds a missing row, so all ranks
-    run the same forwards in the same order; the results are gathered and rank 0 writes them.
-    Returns ({row index: (chosen, rejected)}, stats)."""
+    `plan` lists this rank's micro-batches (lists of row indices) in training order, `build(idx)`
+    makes one exactly as training does, `forward(batch)` runs THIS rank's reference forward on it
+    (a collective under FSDP) and `row_keys` maps a row index to its `row_key`. Rank 0 alone reads
+    the cache and answers every rank's entry keys, so all ranks agree on which micro-batches miss:
+    micro-batch j runs on every rank when any rank's j-th misses, so the FSDP forwards stay in step.
+    The new values are gathered and rank 0 writes them.
+    Returns ([(chosen, rejected) float32 (B,) tensors per micro-batch of `plan`], stats)."""
     rank, ws = dist.get_rank(), dist.get_world_size()
-    table, problems = cache.load() if cache is not None and rank == 0 else ({}, [])
-    shared = [table, problems]
+    mine = [[entry_key(batch_key(build(idx), env), p) for p in range(len(idx))] for idx in plan]
+    gathered = [None] * ws
+    dist.all_gather_object(gathered, [mine, [[row_keys[i] for i in idx] for idx in plan]])
+    if len({len(g[0]) for g in gathered}) != 1:
+        raise RuntimeError(f"ranks plan {[len(g[0]) for g in gathered]} micro-batches: they must agree")
+    shared = [{}, [], 0]  # hits {entry key: value}, problems, rows cached under another make-up
+    if rank == 0:
+        table, problems = cache.load() if cache is not None else ({}, [])
+        cached_rows = {v[0] for v in table.values()}
+        hits = {e: table[e] for es, _ in gathered for m in es for e in m if e in table}
+        other = sum(w in cached_rows for es, rows in gathered for m, rs in zip(es, rows)
+                    for e, w in zip(m, rs) if e not in hits)
+        shared = [hits, problems, other]
+        for p in problems:
+            print(f"reference cache: {p}", flush=True)
     dist.broadcast_object_list(shared, src=0)
-    table, problems = shared
-    for p in problems if rank == 0 else []:
-        print(f"reference cache: {p}", flush=True)
-    missing = {k for k in keys.values() if k not in table}
-    plans = [batches(r) for r in range(ws)]
-    mine, forwards = {}, 0
-    for j, idx in enumerate(plans[rank]):
-        if not any(keys[i] in missing for p in plans for i in p[j]):
+    hits, problems, other = shared
+    values, new, forwards = [], {}, 0
+    for j, idx in enumerate(plan):
+        if all(e in hits for es, _ in gathered for e in es[j]):
+            values.append(tuple(torch.tensor([hits[e][k] for e in mine[j]], dtype=torch.float32) for k in (1, 2)))
             continue
         forwards += 1
-        chosen, rejected = forward(idx)
-        for i, a, b in zip(idx, chosen.tolist(), rejected.tolist()):
-            if keys[i] in missing:
-                mine.setdefault(keys[i], (a, b))
-    gathered = [None] * ws
-    dist.all_gather_object(gathered, mine)
-    new = {}
-    for part in gathered:  # rank order: the same choice on every rank for a row seen twice
-        for k, v in part.items():
-            new.setdefault(k, v)
+        chosen, rejected = forward(build(idx))
+        if chosen.dtype != torch.float32 or rejected.dtype != torch.float32:
+            raise TypeError(f"reference log-probs are {chosen.dtype}/{rejected.dtype}; the cache "
+                            f"stores float32 and would round them")
+        values.append((chosen.detach().cpu(), rejected.detach().cpu()))
+        for e, i, a, b in zip(mine[j], idx, chosen.tolist(), rejected.tolist()):
+            if e not in hits:  # another rank's miss made this one run: its value is cached already
+                new[e] = (row_keys[i], a, b)
+    everyone = [None] * ws
+    dist.all_gather_object(everyone, new)
+    new = {k: v for part in everyone for k, v in part.items()}  # entry keys hold the rank's env: no clash
     if new and cache is not None and rank == 0:
         cache.save(new)
     dist.barrier()  # the part is on disk before any rank goes on (the group's timeout guards it)
-    table.update(new)
-    stats = {"rows": len(set(keys.values())), "reused": len(set(keys.values())) - len(missing),
-             "computed": len(new), "forwards": forwards, "problems": problems,
-             "dir": str(cache.dir) if cache is not None else None}
-    return {i: table[k] for i, k in keys.items()}, stats
+    n_rows = sum(len(m) for es, _ in gathered for m in es)
+    stats = {"micro_batches": sum(len(es) for es, _ in gathered), "rows": n_rows,
+             "reused": n_rows - len(new), "computed": len(new), "other_layout": other,
+             "forwards": forwards, "problems": problems, "dir": str(cache.dir) if cache is not None else None}
+    return values, stats

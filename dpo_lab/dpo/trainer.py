@@ -6,7 +6,7 @@
 Each optimizer step: every rank takes its micro-batches of the global batch, runs chosen and
 rejected through ONE forward (policy), gets the reference log-probs from the same model with the
 adapters disabled (by default from the reference cache: dpo_lab/dpo/ref_cache.py, computed
-once per data row before step 1 and kept on disk), and backpropagates the DPO loss divided by the
+once per micro-batch before step 1 and kept on disk), and backpropagates the DPO loss divided by the
 global batch so that FSDP's gradient averaging over ranks yields the global mean.
 By default a micro-batch is packed rows without padding (data.packing, dpo_lab.dpo.packing) and only
 the completion positions' hidden states reach the LM head, in chunks (dpo.chunked_logps,
@@ -131,22 +131,27 @@ def reference_logps(model, batch, ld_alpha=None):
 
 
 def reference_table(cfg: TrainConfig, model, tok, rows, plan: BatchPlan, steps, device):
-    """Collective: {row index: (ref chosen, ref rejected)} for every row of `steps`, read from the
-    disk cache (cfg.dpo.ref_cache) where it has them, computed in the training micro-batches where not."""
+    """Collective: {(step, j): (ref chosen, ref rejected)} for this rank's micro-batches of `steps`,
+    read from the disk cache (cfg.dpo.ref_cache) where the very same micro-batch was scored before,
+    computed now where not (ref_cache.py: reuse is bitwise exact), and the stats."""
     from dpo_lab.dpo import ref_cache
     from dpo_lab.dpo.qlora import resolve_model
     from dpo_lab.paths import cache_dir
-    keys = {i: ref_cache.row_key(rows[i]) for s in steps for i in plan.global_indices(s)}
+    rank = dist.get_rank()
+    names = [(s, j) for s in steps for j, _ in enumerate(plan.micro_indices(s, rank))]
+    micro = [plan.micro_indices(s, rank)[j] for s, j in names]
     cache = None
-    if cfg.dpo.ref_cache and dist.get_rank() == 0:  # rank 0 alone reads and writes the cache
+    if cfg.dpo.ref_cache and rank == 0:  # rank 0 alone reads and writes the cache
         inputs = ref_cache.fingerprint_inputs(cfg, resolve_model(cfg.model.name), tok, device.type)
         cache = ref_cache.RefCache(cfg.dpo.ref_cache_dir or cache_dir(), inputs)
+    model.train()  # the mode the training loop scores the reference in
 
-    def forward(idx):
-        batch = to_device(micro_batch([rows[i] for i in idx], cfg, tok.pad_token_id), device)  # as in training
-        return reference_logps(model, batch, cfg.dpo.ld_alpha)
-    return ref_cache.precompute(cache, keys, lambda r: [m for s in steps for m in plan.micro_indices(s, r)],
-                                forward)
+    def build(idx):
+        return to_device(micro_batch([rows[i] for i in idx], cfg, tok.pad_token_id), device)  # as in training
+    values, stats = ref_cache.precompute(
+        cache, micro, build, lambda batch: reference_logps(model, batch, cfg.dpo.ld_alpha),
+        {i: ref_cache.row_key(rows[i]) for idx in micro for i in idx}, ref_cache.environment(device))
+    return dict(zip(names, values)), stats
 
 
 def _sums(losses, cr, rr, pc, pr, logit_sums) -> torch.Tensor:
@@ -268,11 +273,10 @@ def train_rank(cfg_dict: dict) -> dict:
         ref_of, ref_stats = reference_table(cfg, model, tok, train_rows, plan, range(start, end), device)
     lap("ref_precompute")
 
-    def reference(idx):
+    def reference(step, j):
         if ref_of is None:
             return None  # dpo_step_terms runs the reference forward
-        return tuple(torch.tensor([ref_of[i][k] for i in idx], dtype=torch.float32, device=device)
-                     for k in (0, 1))
+        return tuple(t.to(device) for t in ref_of[(step, j)])
 
     log_file = out / "log.jsonl"
     if rank == 0:
@@ -301,7 +305,7 @@ def train_rank(cfg_dict: dict) -> dict:
         for j, (idx, batch) in enumerate(micro_batches(step)):
             if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter on the last micro only
                 model.set_requires_gradient_sync(j == cfg.train.grad_accum - 1)
-            terms = dpo_step_terms(model, batch, cfg, reference(idx))
+            terms = dpo_step_terms(model, batch, cfg, reference(step, j))
             # / global batch: FSDP averages over ranks, so x world size restores the global mean.
             (terms[0].sum() * ws / global_batch).backward()
             sums += _sums(*terms)
