@@ -1,0 +1,33 @@
+"""Notebook 12's graders: the solutions in dpo_lab.optim pass, each realistic wrong solution gets its diagnosis."""
+import pytest
+import torch
+
+from dpo_lab import exercises as ex
+from dpo_lab.optim import newton_schulz
+from tests.wrong_solutions import case_id, cases
+
+
+@pytest.mark.parametrize("case", cases(("12",)), ids=case_id)
+def test_a_wrong_solution_gets_its_diagnosis(case):
+    id, diagnosis, fn = case
+    result = ex.grade(ex.get(id), fn)
+    assert result.status == "fail", f"{fn.__name__} passed exercise {id}'s check"
+    assert diagnosis in result.message, result.message
+
+
+def _adamw_step(p, g, m, v, t, lr, betas, eps, wd):
+    # the package's AdamW, one step from the given state (its state is set by hand)
+    from dpo_lab.optim import AdamW
+    p = p.clone().requires_grad_()
+    opt = AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    opt.state[p] = {"step": t - 1, "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+    p.grad = g
+    opt.step()
+    st = opt.state[p]
+    return p.detach(), st["exp_avg"], st["exp_avg_sq"]
+
+
+def test_the_package_solutions_pass():
+    assert ex.grade(ex.get("12.1"), _adamw_step).passed, ex.grade(ex.get("12.1"), _adamw_step).message
+    ns = lambda G, steps: newton_schulz(G, steps, dtype=G.dtype)
+    assert ex.grade(ex.get("12.2"), ns).passed, ex.grade(ex.get("12.2"), ns).message
