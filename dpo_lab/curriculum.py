@@ -113,3 +113,34 @@ class LengthWarmup(RandomOrder):
     def available(self, step: int) -> list[int]:
         cap = self.max_len(step)
         return [i for i in self.by_length if self.lengths[i] <= cap]
+
+
+# --- one arm of the comparison ---------------------------------------------------------------
+
+# Smaller than models.TINY: the comparison trains 3 arms x several seeds from scratch on a CPU.
+SMALL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2)
+
+
+def row_lengths(tokenizer, rows) -> list[int]:
+    """Tokens of prompt + completion + EOS per row: what a batch of these rows costs."""
+    from dpo_lab.models import encode_sft
+    return [len(ids) for ids in encode_sft(tokenizer, rows)[0]]
+
+
+def train_arm(sampler, rows, test_rows, steps: int, eval_every: int, seed: int, lr: float = 3e-3,
+              warmup: int = 30, **model_overrides) -> dict:
+    """Train a fresh small model with `sampler`'s batches; held-out success against tokens seen."""
+    from dpo_lab.models import build_tiny_model, build_tokenizer, task_success, train_sft
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(seed=seed, **dict(SMALL, **model_overrides))
+    curve = {"step": [0], "tokens": [0], "success": [task_success(model, tokenizer, test_rows, 4)]}
+
+    def evaluate(step, model):
+        if step % eval_every == 0 or step == steps:
+            curve["step"].append(step)
+            curve["tokens"].append(sampler.tokens_seen)
+            curve["success"].append(task_success(model, tokenizer, test_rows, 4))
+
+    curve["losses"] = train_sft(model, tokenizer, rows, steps, None, lr, warmup, seed, progress=False,
+                                sampler=sampler, on_step=evaluate)
+    return curve
