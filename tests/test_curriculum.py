@@ -113,3 +113,26 @@ def test_a_wrong_solution_gets_its_diagnosis(case):
 def test_the_library_passes_the_graders():
     assert ex.grade(ex.get("13.1"), task.carries).status == "pass"
     assert ex.grade(ex.get("13.2"), lambda t, s, f: root_pacing(s, f)(t)).status == "pass"
+
+
+def test_train_sft_takes_its_batches_from_the_sampler():
+    from dpo_lab.models import build_tiny_model, build_tokenizer, train_sft
+    rows = [{"prompt": task.prompt_of(a, b), "completion": task.answer(a, b)} for a, b in PROBLEMS[:20]]
+    lengths = [len(r["prompt"]) + len(r["completion"]) + 1 for r in rows]
+    sampler = RandomOrder(lengths, 16, seed=0)  # two rows of 6-8 tokens per batch
+    served, seen = [], []
+
+    class Recording:
+        def __next__(self):
+            served.append(next(sampler))
+            return served[-1]
+
+    def on_step(step, model):
+        seen.append((step, model.training))
+        model.eval()  # as an evaluation would; train_sft must switch back
+    model = build_tiny_model(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    losses = train_sft(model, build_tokenizer(), rows, 3, None, 1e-3, 1, 0, progress=False,
+                       sampler=Recording(), on_step=on_step)
+    assert len(served) == 3 and len(losses) == 3
+    assert seen == [(1, True), (2, True), (3, True)]
+    assert not model.training
