@@ -106,8 +106,13 @@ def _pad(seqs, value):
     return torch.tensor([[value] * (width - len(s)) + s for s in seqs])
 
 
-def train_sft(model, tokenizer, rows, steps, batch_size, lr, warmup, seed, weight_decay=0.1, progress=True):
-    """Plain supervised fine-tuning: cross-entropy on completion tokens, AdamW, cosine decay."""
+def train_sft(model, tokenizer, rows, steps, batch_size, lr, warmup, seed, weight_decay=0.1, progress=True,
+              sampler=None, on_step=None):
+    """Plain supervised fine-tuning: cross-entropy on completion tokens, AdamW, cosine decay.
+
+    `sampler` (an iterator of lists of row indices, e.g. a `dpo_lab.curriculum` sampler) replaces
+    the uniform draws of batch_size rows; `on_step(step, model)` runs after each update (evaluation).
+    """
     from tqdm.auto import tqdm
     ids, masks = encode_sft(tokenizer, rows)
     gen = torch.Generator().manual_seed(seed)
@@ -117,8 +122,11 @@ def train_sft(model, tokenizer, rows, steps, batch_size, lr, warmup, seed, weigh
     model.train()
     losses = []
     bar = tqdm(range(steps), desc="SFT", disable=not progress, mininterval=2)
-    for _ in bar:
-        idx = torch.randint(len(ids), (batch_size,), generator=gen).tolist()
+    for step in bar:
+        if sampler is not None:
+            idx = next(sampler)
+        else:
+            idx = torch.randint(len(ids), (batch_size,), generator=gen).tolist()
         x = _pad([ids[i] for i in idx], tokenizer.pad_token_id)
         m = _pad([masks[i] for i in idx], 0)
         attn = _pad([[1] * len(ids[i]) for i in idx], 0)
@@ -131,6 +139,9 @@ def train_sft(model, tokenizer, rows, steps, batch_size, lr, warmup, seed, weigh
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if on_step is not None:
+            on_step(step + 1, model)
+            model.train()  # the callback may have switched to eval mode to generate
     model.eval()
     return losses
 

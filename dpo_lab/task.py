@@ -53,6 +53,16 @@ def needs_carry(a: int, b: int) -> bool:
     return a % 10 + b % 10 >= 10
 
 
+def carries(a: int, b: int) -> int:
+    """How many digit positions produce a carry: 0 for 12+3, 1 for 37+5, 2 for 95+7 (9+1 carries too)."""
+    count, carry = 0, 0
+    while a or b:
+        carry = (a % 10 + b % 10 + carry) // 10
+        count += carry
+        a, b = a // 10, b // 10
+    return count
+
+
 def dropped_carry(a: int, b: int) -> str:
     """The sum with the carry out of the units forgotten: 37+5 -> 32."""
     return str(a + b - 10)
@@ -81,8 +91,10 @@ def slip(a: int, b: int, rng: random.Random) -> str:
             return str(wrong)
 
 
-def all_problems() -> list[tuple[int, int]]:
-    return [(a, b) for a in range(MIN_A, MAX_A + 1) for b in range(MAX_B + 1)]
+def all_problems(min_a: int = MIN_A, max_a: int = MAX_A, max_b: int = MAX_B) -> list[tuple[int, int]]:
+    """Every a+b with min_a <= a <= max_a and 0 <= b <= max_b. The defaults are the DPO task's
+    fixed-length problems; min_a=0 also gives shorter ones (3+4=7) and max_a=99 longer sums (95+7=102)."""
+    return [(a, b) for a in range(min_a, max_a + 1) for b in range(max_b + 1)]
 
 
 def split_problems(seed: int = SEED, n_test: int = 160):
