@@ -69,6 +69,10 @@ def test_json_has_the_three_ratios_from_this_runs_rows(bench_json):
     table = bench_json["tables"][0]
     rows, figs = table["rows"], table["notes"]["figures"]
     assert set(figs) == set(bench_dpo.FIGURES)
+    # the issue names these keys in build/bench/dpo.json itself, not only inside the table
+    for key in ("tokens_per_s_ratio_vs_trl_large_vocab", "peak_mem_ratio_vs_trl_large_vocab",
+                "tokens_per_s_ratio_vs_trl_tiny", "peak_above_load_ratio_vs_trl_large_vocab"):
+        assert bench_json[key] == figs[key], key
 
     def row(config, variant):
         (r,) = [r for r in rows if r["config"] == config and r["variant"] == variant]
@@ -93,3 +97,44 @@ def test_bench_counts_real_tokens_not_padded_slots(bench_json):
         ours, trl = ([r["tokens_per_step"] for r in rows if r["config"] == config and r["variant"] == v][0]
                      for v in ("dpo_lab_default", "trl_default"))
         assert 0.5 < ours / trl < 2.0, (config, ours, trl)
+
+
+def test_peak_memory_is_reported_above_the_loaded_model_too(bench_json):
+    table = bench_json["tables"][0]
+    assert set(table["notes"]["memory"]) >= {"peak_mem_mb", "peak_above_load_mb", "ratio_keys"}
+    for r in table["rows"]:
+        # the baseline (libraries + loaded model) is a real part of the process peak, not 0 or all of it
+        assert 0 < r["peak_above_load_mb"] < r["peak_mem_mb"] - 100, r
+        assert r["peak_above_load_ratio_vs_trl_default"] == pytest.approx(
+            r["peak_above_load_mb"] / [t for t in table["rows"] if t["config"] == r["config"]
+                                       and t["variant"] == "trl_default"][0]["peak_above_load_mb"])
+
+
+def test_top_level_figures_never_overwrite_the_json_keys(monkeypatch, tmp_path):
+    from dpo_lab.bench import Table
+    clash = Table(title="t", rows=[{"variant": "a", "x": 1.0}], metric="x", baseline="a",
+                  notes={"figures": {"machine": 2.0}})
+    monkeypatch.setattr(bench_dpo, "run", lambda quick=False: clash)
+    with pytest.raises(ValueError, match="'machine'.*clashes"):
+        run_bench("dpo", quick=True, output_dir=tmp_path)
+
+
+def test_default_packing_keeps_rows_within_max_length():
+    """The tiny config's speed: attention costs L² per packed row, so the default packs rows of
+    data.max_length (first fit), not one row of the whole micro-batch."""
+    from dpo_lab.dpo.batching import encode_rows, layout
+    from dpo_lab.dpo.config import DataConfig
+    from dpo_lab.models import build_tokenizer
+    tok = build_tokenizer()
+    enc = encode_rows(tok, bench_dpo.uneven_rows(16, seed=2))
+    data = DataConfig(max_length=bench_dpo.MAX_LENGTH)
+    assert data.packing and data.max_tokens_per_row is None
+    batch = layout(enc, tok.pad_token_id, data)
+    rows, width = batch["input_ids"].shape
+    assert width <= bench_dpo.MAX_LENGTH and rows > 1
+    # first fit into rows of max_length leaves little filler: fewer slots than padding would take
+    assert batch["real_tokens"] <= rows * width < 32 * max(len(e["prompt_ids"]) + len(e[k]) for e in enc
+                                                           for k in ("chosen_ids", "rejected_ids"))
+    # an explicit row length still wins
+    wide = layout(enc, tok.pad_token_id, DataConfig(max_length=bench_dpo.MAX_LENGTH, max_tokens_per_row=4096))
+    assert wide["input_ids"].shape[0] == 1

@@ -7,7 +7,8 @@ A benchmark is a module `dpo_lab/bench/<name>.py` with
 Each Table holds rows of measurements; a row's `variant` column names what was measured,
 and within each group (rows equal on `group_by`) every row gets `ratio` = its `metric`
 divided by the `baseline` variant's. The tables are printed and written together to
-build/bench/<name>.json with the machine they ran on.
+build/bench/<name>.json with the machine they ran on; a table's `notes["figures"]` (its headline
+ratios) are also top-level keys of that JSON.
 """
 import importlib
 import json
@@ -97,6 +98,12 @@ def run_bench(name: str, quick: bool = False, output_dir=None) -> dict:
         print(format_table(t), end="\n\n")
     result = {"bench": name, "quick": quick, "machine": machine(),
               "tables": [asdict(t) for t in tables]}
+    # a table's headline numbers (notes["figures"]) also go to the top level, where readers look first
+    for t in tables:
+        for key, value in t.notes.get("figures", {}).items():
+            if key in result:
+                raise ValueError(f"figure {key!r} of table {t.title!r} clashes with a top-level key")
+            result[key] = value
     path = build_dir(output_dir) / "bench" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -23,8 +23,9 @@ its reference precompute. TRL's `padding_free` is disabled in TRL 1.16 (it warns
 Every variant runs in a fresh process (peak RSS is a per-process high-water mark). The first
 WARMUP steps are not timed; tokens/s is the median over the timed steps of real (attention-mask)
 tokens of chosen + rejected per second, where a step's seconds include its share of the time spent
-precomputing reference log-probs. Peak memory is the peak RSS of the training process on CPU
-(Python and libraries included), peak allocated bytes on a GPU. Tensor-level peaks of each piece
+precomputing reference log-probs. Peak memory two ways (MEMORY): the peak RSS of the training process
+on CPU (Python and libraries included; peak allocated bytes on a GPU), and that peak minus what the
+process holds once the model is loaded (what training itself adds). Tensor-level peaks of each piece
 (logits, padding, reference forward) are `dpo_lab.bench.dpo_memory.pieces`.
 """
 import statistics
@@ -51,9 +52,19 @@ MAX_LENGTH = 48  # prompt + completion tokens
 # dpo_lab trainer options that trade work or memory; read defensively (they land in other branches)
 FAST_PATHS = ("dpo.chunked_logps", "data.packing", "dpo.ref_cache", "dpo.precompute_ref")
 
+# the issue's three ratios (ours / TRL's default), top-level keys of build/bench/dpo.json; the memory
+# ratio is on process peak RSS (MEMORY), the one above the loaded model is reported alongside
 FIGURES = {"tokens_per_s_ratio_vs_trl_large_vocab": ("large_vocab", "tokens_per_s"),
            "peak_mem_ratio_vs_trl_large_vocab": ("large_vocab", "peak_mem_mb"),
-           "tokens_per_s_ratio_vs_trl_tiny": ("tiny", "tokens_per_s")}
+           "tokens_per_s_ratio_vs_trl_tiny": ("tiny", "tokens_per_s"),
+           "peak_above_load_ratio_vs_trl_large_vocab": ("large_vocab", "peak_above_load_mb")}
+MEMORY = {"peak_mem_mb": "peak RSS of the training process (VmHWM; libraries, model and data included); "
+                         "on a GPU max_memory_allocated",
+          "peak_above_load_mb": "peak_mem_mb minus the memory held once the model is loaded, before any "
+                                "training (VmRSS on CPU, memory_allocated on a GPU): ours right after "
+                                "build_policy, TRL's on entering DPOTrainer.__init__ with the loaded model",
+          "ratio_keys": "peak_mem_ratio_vs_trl_large_vocab uses peak_mem_mb; "
+                        "peak_above_load_ratio_vs_trl_large_vocab uses peak_above_load_mb"}
 OURS, THEIRS = "dpo_lab_default", "trl_default"
 
 
@@ -133,6 +144,11 @@ def _peak_bytes() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else cpu_peak_rss()
 
 
+def _now_bytes() -> int:
+    from dpo_lab.dpo.trainer import memory_now_bytes
+    return memory_now_bytes(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _trl_child(cfg_dict: dict, steps: int) -> dict:
     """One TRL run in this (fresh) process: per-step real tokens, padded slots, seconds, peak."""
     import logging
@@ -160,6 +176,12 @@ def _trl_child(cfg_dict: dict, steps: int) -> dict:
         finally:
             pre["s"] += time.perf_counter() - t0
     DPOTrainer._precompute_ref_logps = timed
+    init, loaded = DPOTrainer.__init__, {}
+
+    def init_after_load(self, *a, **kw):  # the model is loaded (an argument), training not begun
+        loaded.setdefault("bytes", _now_bytes())
+        return init(self, *a, **kw)
+    DPOTrainer.__init__ = init_after_load
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -190,7 +212,8 @@ def _trl_child(cfg_dict: dict, steps: int) -> dict:
         trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {"tokens": tokens, "slots": slots, "seconds": clock.seconds, "precompute_s": pre["s"],
-            "peak_bytes": _peak_bytes(), "final_loss": logs[-1]["loss"] if logs else None}
+            "peak_bytes": _peak_bytes(), "load_bytes": loaded["bytes"],
+            "final_loss": logs[-1]["loss"] if logs else None}
 
 
 def _in_fresh_process(fn, *args):
@@ -205,7 +228,9 @@ def _trl(cfg, steps: int) -> dict:
     n = min(len(r["tokens"]), len(r["seconds"]))
     tok, sec = r["tokens"][WARMUP:n], r["seconds"][WARMUP:n]
     return {"tokens_per_s": tokens_per_s(tok, sec, r["precompute_s"], steps),
-            "peak_mem_mb": r["peak_bytes"] / 2**20, "tokens_per_step": statistics.mean(tok),
+            "peak_mem_mb": r["peak_bytes"] / 2**20,
+            "peak_above_load_mb": (r["peak_bytes"] - r["load_bytes"]) / 2**20,
+            "tokens_per_step": statistics.mean(tok),
             "slots_per_step": statistics.mean(r["slots"][WARMUP:n]), "precompute_s": r["precompute_s"],
             "final_loss": r["final_loss"]}
 
@@ -219,6 +244,8 @@ def _ours(cfg, nproc: int, steps: int) -> dict:
     pre = res.get("ref_precompute_seconds") or res.get("phase_seconds", {}).get("ref_precompute", 0.0)
     return {"tokens_per_s": tokens_per_s([h["tokens"] for h in hist], [h["seconds"] for h in hist], pre, steps),
             "peak_mem_mb": max(res["rank_peak_memory_bytes"]) / 2**20,
+            "peak_above_load_mb": max(p - b for p, b in zip(res["rank_peak_memory_bytes"],
+                                                            res["rank_memory_after_load_bytes"])) / 2**20,
             "tokens_per_step": statistics.mean(h["tokens"] for h in hist), "precompute_s": pre,
             "final_loss": res["history"][-1]["loss"]}
 
@@ -295,15 +322,16 @@ def run(quick: bool = False, steps: int | None = None, micro_batch: dict | None 
                              "micro_batch": mb[config], **m,
                              "options": {k: v for k, v in updates.items()} if trainer == "trl"
                              else our_options(cfg)})
-    base_mem = {r["config"]: r["peak_mem_mb"] for r in rows if r["variant"] == THEIRS}
-    for r in rows:
-        r["peak_mem_ratio_vs_trl_default"] = r["peak_mem_mb"] / base_mem[r["config"]]
+    for metric in ("peak_mem_mb", "peak_above_load_mb"):
+        base = {r["config"]: r[metric] for r in rows if r["variant"] == THEIRS}
+        for r in rows:
+            r[f"{metric[:-3]}_ratio_vs_trl_default"] = r[metric] / base[r["config"]]
     table = Table(title=f"DPO training, dpo_lab vs TRL, {steps} steps (first {WARMUP} untimed); "
                         f"micro-batch pairs/rank {mb}",
                   rows=rows, metric="tokens_per_s", baseline=THEIRS, group_by=("config",),
                   higher_is_better=True,
                   notes={"device": "cuda" if torch.cuda.is_available() else "cpu",
-                         "memory": "peak RSS per process on CPU (libraries included)",
+                         "memory": MEMORY,
                          "large_vocab": {**LARGE_VOCAB, "source": "Qwen/Qwen2-0.5B config.json (vocabulary); "
                                          "small random body; project character tokenizer, resized embedding"},
                          "tokens": "real (attention-mask) tokens of chosen + rejected per step; "

@@ -60,10 +60,14 @@ def collate(examples: list[dict], pad_id: int, max_length: int | None = None) ->
 
 def layout(examples: list[dict], pad_id: int, data) -> dict:
     """Encoded pairs -> a micro-batch in the layout `data` (the config's DataConfig) asks for:
-    packed rows without padding (`packing.pack`, data.packing) or `collate`'s padded rows."""
+    packed rows without padding (`packing.pack`, data.packing; rows of data.max_tokens_per_row,
+    or of data.max_length when that is None) or `collate`'s padded rows."""
     from dpo_lab.dpo.packing import pack
     if data.packing:
-        return pack(examples, data.max_tokens_per_row, data.max_length, pad_id)
+        # max_tokens_per_row None = rows of max_length tokens: attention costs L² per row, so ONE
+        # row of all 2B sequences costs (Σ lengths)² (its step took 1.3x the padded step's CPU time
+        # at `bench dpo`'s tiny config), rows of max_length at most the padded batch's, no padding
+        return pack(examples, data.max_tokens_per_row or data.max_length, data.max_length, pad_id)
     return collate(examples, pad_id, data.max_length)
 
 

@@ -79,7 +79,10 @@ class DataConfig:
     # Padding-free micro-batches (dpo_lab.dpo.packing): the 2B sequences end to end, position ids
     # restarting per sequence. Ours only: TRL 1.16's `padding_free` is switched off (it warns and pads).
     packing: Bool = True
-    max_tokens_per_row: Count | None = None  # packed row length (>= max_length); None: one row per micro-batch
+    # packed row length (>= max_length). None (auto): max_length, first fit. Attention costs L² per
+    # row, so one row of the whole micro-batch is slower than padding on CPU kernels; flash kernels
+    # (GPU) read the rows as one varlen row anyway (packing.packed_inputs)
+    max_tokens_per_row: Count | None = None
 
 
 @dataclass(config=SECTION)

@@ -183,6 +183,19 @@ def peak_memory_bytes(device) -> int:
     return cpu_peak_rss()
 
 
+def memory_now_bytes(device) -> int:
+    """Memory held right now: allocated bytes on a GPU, resident set (VmRSS) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def cpu_peak_rss() -> int:
     """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited from
     the parent that spawned the rank)."""
@@ -224,6 +237,7 @@ def train_rank(cfg_dict: dict) -> dict:
     lap("data")
     model, _ = build_policy(cfg, device)
     memory = memory_report(model)
+    load_bytes = memory_now_bytes(device)  # the bench's baseline: libraries + loaded model
     lap("load_and_shard")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -369,6 +383,7 @@ def train_rank(cfg_dict: dict) -> dict:
     lap("save_adapter")
     ref_seconds = clock.get("ref_precompute", 0.0)
     result = {"rank": rank, "memory": memory, "peak_memory_bytes": peak_memory_bytes(device),
+              "memory_after_load_bytes": load_bytes,
               "phase_seconds": clock, "reference_forwards": REFERENCE_FORWARDS - forwards_before,
               "checkpoint_blocked_seconds": save_blocked}
     if rank == 0:
@@ -445,6 +460,7 @@ def run(cfg: TrainConfig, nproc: int = 1, timeout: float = 1800, backend: str | 
     out = results[0]
     out["rank_memory"] = [r["memory"] for r in results]
     out["rank_peak_memory_bytes"] = [r["peak_memory_bytes"] for r in results]
+    out["rank_memory_after_load_bytes"] = [r["memory_after_load_bytes"] for r in results]
     out["rank_reference_forwards"] = [r["reference_forwards"] for r in results]
     if restart_step is not None:
         out["restart"]["rank_reference_forwards"] = [r["restart"]["reference_forwards"] for r in results]
