@@ -252,6 +252,7 @@ def _ours(cfg, nproc: int, steps: int) -> dict:
 
 def _load(model: str, steps: int, micro_batch: int, out: str, pairs: int, **updates):
     import json
+    import tempfile
     from pathlib import Path
 
     from dpo_lab.dpo.config import load_config
@@ -263,7 +264,10 @@ def _load(model: str, steps: int, micro_batch: int, out: str, pairs: int, **upda
         "model.name": model, "data.source": str(data), "data.max_length": MAX_LENGTH,
         "train.max_steps": steps, "train.micro_batch": micro_batch,
         "train.grad_accum": 1, "checkpoint.every": 0, "checkpoint.resume": False,
-        "eval.max_rows": 8, "data.max_rows": pairs, "output_dir": out, **updates})
+        "eval.max_rows": 8, "data.max_rows": pairs, "output_dir": out,
+        # a cold reference cache every time: the precompute is paid and counted, as in a single
+        # run (a warm one, e.g. in a β sweep, would skip the reference forward entirely)
+        "dpo.ref_cache_dir": tempfile.mkdtemp(prefix="ref-cache-", dir=out), **updates})
 
 
 def plain_updates(cfg) -> dict:
