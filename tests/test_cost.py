@@ -162,3 +162,24 @@ def test_rank_plans_fastest_first_and_all_fit():
     # every time is step_time's for that plan (no adjustment made outside it)
     plan, _, t = ranked[3]
     assert t == cost.step_time(cost.LLAMA_70B, plan, "dpo_full", 128, hw)
+
+
+@pytest.mark.parametrize("double", [True, False])
+def test_nf4_bits_match_bitsandbytes_and_the_dpo_planner(double):
+    """Lesson 10's bits per 4-bit weight against what bitsandbytes stores for a large tensor, and
+    against the DPO memory planner's whole-byte count of the same layout (lesson 14)."""
+    import bitsandbytes.functional as F
+    import torch
+
+    from dpo_lab.dpo.qlora import quant_constants_bytes
+    from dpo_lab.memory import planner
+    n = 64 * 256 * 64  # whole blocks and whole second-level groups: no rounding up
+    packed, qs = F.quantize_4bit(torch.randn(n), blocksize=64, compress_statistics=double, quant_type="nf4")
+    c = quant_constants_bytes(qs)
+    stored = packed.numel() * packed.element_size() + c["absmax"] + c["absmax2"]  # code tables and offset aside
+    bits = cost.quantised_bits_per_param(64, double)
+    assert bits * n / 8 == pytest.approx(stored - (4 if double else 0), abs=0.5)  # the fp32 offset: 4 bytes per tensor
+    planned = planner.quantised_bytes(n, 4, double)
+    assert planned["packed"] + planned["constants"] == stored
+    if double:
+        assert cost.NF4_BITS == bits and round(bits, 3) == 4.127  # the figure lesson 10 quotes

@@ -61,6 +61,39 @@ def test_offload(figures):
     assert figures["fsdp2_cpu_offload_same_params"] == 1 and figures["fsdp2_cpu_offload_state_on_cpu"] == 1
 
 
+def test_async_checkpoints(figures):
+    # timings from a shared machine: only that they were measured; the bytes and the resume are exact
+    ratio = figures["async_ckpt_blocked_s_ratio_vs_sync"]
+    assert math.isfinite(ratio) and ratio > 0
+    assert figures["async_ckpt_async_total_s"] >= figures["async_ckpt_async_blocked_s"] > 0
+    # smoke's MLP: 8 layers of 1024×1024 weights + 1024 biases, fp32, sharded over 2 ranks: parameters,
+    # m and v, plus Adam's fp32 step scalar for each of the 16 parameter tensors, on every rank
+    assert figures["async_ckpt_snapshot_bytes"] == 3 * 8 * (1024**2 + 1024) * 4 // 2 + 4 * 16
+    assert figures["async_ckpt_snapshot_mib"] == figures["async_ckpt_snapshot_bytes"] / 2**20
+    # killed while step 4 was written: step 2 stays the latest, step 4 is left .partial, resume from 2
+    assert figures["async_latest_after_crash"] == "step_00000002"
+    assert figures["async_partial_after_crash"] == 1 and figures["async_resume_start_step"] == 2
+    assert figures["async_resume_vs_uninterrupted_max_abs_diff"] == 0.0  # same arithmetic, same order
+
+
+def test_memory_planner(figures):
+    # memory is deterministic; 10 % is the bound (tests/test_memory_planner.py holds all 7
+    # configurations to it). Smoke measures 2 of them, for time; the full profile all 7.
+    assert figures["dpo_memory_planner_configs"] == 2
+    assert figures["dpo_memory_planner_max_rel_err"] <= 0.10
+    errs = [v for k, v in figures.items() if k.startswith("dpo_memory_planner_rel_err/")]
+    assert len(errs) == 2 and max(map(abs, errs)) == figures["dpo_memory_planner_max_rel_err"]
+    # the 8B config on 8 GPUs: a breakdown whose terms add up to the total, and fits in 80 GiB
+    terms = ("base_weights", "reference", "adapters", "adapter_grads", "optimizer", "activations", "logits", "transient")
+    total = figures["dpo_memory_planner_8b_total_gib"]
+    assert sum(figures[f"dpo_memory_planner_8b_{t}_gib"] for t in terms) == pytest.approx(total, rel=1e-12)
+    assert figures["dpo_memory_planner_8b_fits_80gib"] == 1 and 0 < total < 80
+    assert figures["dpo_memory_planner_8b_reference_gib"] == 0  # the adapters-off reference costs nothing
+    # each change of the figure's variants adds memory: checkpointing off, a 16-bit base, longer rows, 1 GPU
+    for v in ("no_checkpointing", "16_bit_base", "4096_tokens", "1_gpu"):
+        assert figures[f"dpo_memory_planner_8b_{v}_gib"] > total, v
+
+
 def test_every_exercise_passes(figures):
     assert_every_check_passes(figures)
 

@@ -91,3 +91,67 @@ def check_block_saved_bytes(fn):
             raise Wrong("that counts fp32 values: multiply by 4 bytes (the mask is 1 byte per entry)")
         raise Wrong(f"batch={b}, seq={s}, dim={d}, heads={h}/{kvh} KV, mlp_ratio={r}: {got} bytes, "
                     f"measured {want}")
+
+
+_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _measured_adapter_optimizer_bytes(hidden, intermediate, heads, kv_heads, layers, r, targets, param_bytes):
+    """Bytes of torch AdamW's state after one step on PEFT LoRA adapters of a tiny Llama built from
+    its config (no download): counted from opt.state, not from a formula."""
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[param_bytes]
+    torch.manual_seed(0)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=32)
+    model = get_peft_model(LlamaForCausalLM(cfg).to(dtype),
+                           LoraConfig(r=r, target_modules=list(targets), lora_dropout=0.0),
+                           autocast_adapter_dtype=False)  # keep the adapters in `dtype`, as our trainer
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values())
+
+
+@exercise("14.3", "the bytes of the adapters' optimizer state")
+def check_adapter_optimizer_bytes(fn):
+    """fn(hidden, intermediate, heads, kv_heads, layers, r, targets, param_bytes) -> bytes torch's
+    AdamW keeps for LoRA adapters of rank r on the `targets` linears of a Llama (one rank, no sharding),
+    adapters stored in param_bytes per entry; measured on a PEFT model."""
+    for args in [(64, 160, 4, 2, 2, 4, _TARGETS, 2), (32, 96, 4, 4, 3, 8, ("q_proj", "v_proj"), 4)]:
+        hidden, inter, heads, kvh, layers, r, targets, pb = args
+        got = _ints(fn(*args), "an int")[0]
+        want = _measured_adapter_optimizer_bytes(*args)
+        if got == want:
+            continue
+        hd = hidden // heads
+        shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kvh * hd), "v_proj": (hidden, kvh * hd),
+                  "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+                  "down_proj": (inter, hidden)}
+        params = layers * sum(r * sum(shapes[t]) for t in targets)
+        steps = 4 * 2 * len(targets) * layers
+        if got == 2 * pb * params:
+            raise Wrong("AdamW also keeps a step count per parameter tensor: an fp32 scalar for each "
+                        "of A and B of every adapted linear")
+        if got == pb * params + steps:
+            raise Wrong("Adam keeps two moments per parameter, m and v")
+        if got == 2 * 4 * params + steps and pb != 4:
+            raise Wrong(f"torch's AdamW keeps m and v in the parameter's dtype ({pb} bytes here), not fp32")
+        wide = dict(shapes, k_proj=(hidden, hidden), v_proj=(hidden, hidden))
+        full = layers * sum(r * sum(wide[t]) for t in targets)
+        if got == 2 * pb * full + steps and kvh != heads:
+            raise Wrong("k_proj and v_proj have kv_heads·head_dim outputs, not hidden (grouped-query attention)")
+        if got == 2 * pb * layers * sum(shapes[t][0] * shapes[t][1] for t in targets) + steps:
+            raise Wrong("LoRA's adapters of an in→out matrix are A (r×in) and B (out×r): r·(in+out) "
+                        "parameters, not in·out")
+        if got == 2 * pb * params // layers + steps // layers:
+            raise Wrong(f"every one of the {layers} layers has its own adapters")
+        raise Wrong(f"hidden={hidden}, intermediate={inter}, heads={heads}/{kvh} KV, {layers} layers, r={r}, "
+                    f"targets={list(targets)}, {pb} bytes: {got}, measured {want}")

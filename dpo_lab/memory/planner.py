@@ -64,7 +64,9 @@ class ModelShape:
 # Published config.json values (no download at run time)
 KNOWN = {"meta-llama/Meta-Llama-3-8B-Instruct": ModelShape("Llama-3-8B", 4096, 32, 32, 8, 14336, 128256),
          "meta-llama/Meta-Llama-3-8B": ModelShape("Llama-3-8B", 4096, 32, 32, 8, 14336, 128256),
-         "meta-llama/Meta-Llama-3-70B-Instruct": ModelShape("Llama-3-70B", 8192, 80, 64, 8, 28672, 128256)}
+         "meta-llama/Meta-Llama-3-70B-Instruct": ModelShape("Llama-3-70B", 8192, 80, 64, 8, 28672, 128256),
+         "meta-llama/Llama-3.2-1B-Instruct": ModelShape("Llama-3.2-1B", 2048, 16, 32, 8, 8192, 128256, True),
+         "meta-llama/Llama-3.2-3B-Instruct": ModelShape("Llama-3.2-3B", 3072, 28, 24, 8, 8192, 128256, True)}
 
 
 def model_shape(name: str) -> ModelShape:
@@ -304,6 +306,11 @@ def _measure_rank(cfg_dict: dict) -> dict:
     from dpo_lab.dpo.qlora import resolve_model
     from dpo_lab.dpo.trainer import build_policy, dpo_step_terms, load_data, micro_batch
     from dpo_lab.parallel import rank_device
+    import warnings
+    # the reference forward runs under no_grad through reentrant checkpointing, which warns that no
+    # input requires grad: true and harmless there (the reference needs no gradients)
+    warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True",
+                            category=UserWarning, module=r"torch\.utils\.checkpoint")
     cfg = from_dict(cfg_dict)
     rank, ws, device = dist.get_rank(), dist.get_world_size(), rank_device()
     torch.manual_seed(cfg.train.seed)
@@ -402,3 +409,21 @@ def figures(rows: list[dict]) -> dict:
     return {"dpo_memory_planner_max_rel_err": max(abs(r["rel_err"]) for r in rows),
             "dpo_memory_planner_configs": len(rows),
             **{f"dpo_memory_planner_rel_err/{r['name']}": r["rel_err"] for r in rows}}
+
+
+def what_if(model: str = "meta-llama/Meta-Llama-3-8B-Instruct", seq: int = 1024, micro_batch: int = 2,
+            lora_r: int = 16, load_in_4bit: bool = True, zero_stage: int = 3, nproc: int = 8,
+            checkpointing: bool = True, device_gib: float | None = 80, base_config=None) -> Breakdown:
+    """The breakdown of `base_config` (default configs/dpo/llama3_8b_8gpu.yaml) with the knobs of
+    notebook 14's sliders changed: model (a KNOWN name), sequence length, micro-batch, LoRA rank,
+    4-bit or 16-bit base, ZeRO stage and ranks, gradient checkpointing."""
+    from dpo_lab.dpo.config import load_config
+    from dpo_lab.paths import CONFIG_DIR
+    if model not in KNOWN:
+        raise ValueError(f"model {model!r} is not one of {', '.join(KNOWN)}")
+    flag = lambda b: "true" if b else "false"
+    cfg = load_config(base_config or CONFIG_DIR / "dpo" / "llama3_8b_8gpu.yaml",
+                      [f"data.max_length={seq}", f"train.micro_batch={micro_batch}", f"lora.r={lora_r}",
+                       f"quant.load_in_4bit={flag(load_in_4bit)}",
+                       f"model.gradient_checkpointing={flag(checkpointing)}"])
+    return plan_dpo_memory(KNOWN[model], cfg, nproc=nproc, device_gib=device_gib, zero_stage=zero_stage)

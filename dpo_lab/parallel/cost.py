@@ -28,7 +28,20 @@ GB = 1e9
 MIXED_PRECISION = dict(param_bytes=2, grad_bytes=2, optim_bytes=12)
 # Plain fp32 Adam (what the CPU lessons run): fp32 params (4) + grads (4) + m, v (8); no master copy.
 FP32_ADAM = dict(param_bytes=4, grad_bytes=4, optim_bytes=8)
-NF4_BITS = 4.127  # QLoRA NF4 with double quantisation, bits per parameter
+
+
+def quantised_bits_per_param(blocksize: int = 64, double_quant: bool = True, code_bits: int = 4) -> float:
+    """Bits per weight of a 4-bit (NF4/FP4) tensor, as bitsandbytes stores it (Dettmers et al. 2023):
+    the code, plus one absmax per block of `blocksize` weights: fp32, or with double quantisation a
+    uint8 with one fp32 per 256 of them. The DPO memory planner (dpo_lab.memory.planner.quantised_bytes)
+    counts the same layout in whole bytes; tests/test_cost.py checks that the two agree."""
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    absmax = 8 / blocksize + 32 / (256 * blocksize) if double_quant else 32 / blocksize
+    return code_bits + absmax
+
+
+NF4_BITS = quantised_bits_per_param()  # QLoRA NF4 with double quantisation: 4.127 bits per parameter
 
 
 @dataclass(frozen=True)

@@ -62,3 +62,46 @@ def block_kv_full_width(b, s, d, h, kvh, r):
 @wrong("14.2", "multiply by 4 bytes")
 def block_values(b, s, d, h, kvh, r):
     return _block(b, s, d, h, kvh, r, mask=False, elem=1) + s * s
+
+
+def _adapters(hidden, inter, heads, kvh, layers, r, targets, kv_full=False, dense=False):
+    hd = hidden // heads
+    kv = hidden if kv_full else kvh * hd
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}
+    return layers * sum(a * b if dense else r * (a + b) for a, b in (shapes[t] for t in targets))
+
+
+def _steps(layers, targets):
+    return 4 * 2 * len(targets) * layers
+
+
+@wrong("14.3", "a step count per parameter tensor")
+def adam_no_step(hidden, inter, heads, kvh, layers, r, targets, pb):
+    return 2 * pb * _adapters(hidden, inter, heads, kvh, layers, r, targets)
+
+
+@wrong("14.3", "two moments per parameter")
+def adam_one_moment(hidden, inter, heads, kvh, layers, r, targets, pb):
+    return pb * _adapters(hidden, inter, heads, kvh, layers, r, targets) + _steps(layers, targets)
+
+
+@wrong("14.3", "in the parameter's dtype")
+def adam_fp32_moments(hidden, inter, heads, kvh, layers, r, targets, pb):
+    return 2 * 4 * _adapters(hidden, inter, heads, kvh, layers, r, targets) + _steps(layers, targets)
+
+
+@wrong("14.3", "kv_heads·head_dim outputs")
+def adam_kv_full_width(hidden, inter, heads, kvh, layers, r, targets, pb):
+    return 2 * pb * _adapters(hidden, inter, heads, kvh, layers, r, targets, kv_full=True) + _steps(layers, targets)
+
+
+@wrong("14.3", "r·(in+out)")
+def adam_dense_adapters(hidden, inter, heads, kvh, layers, r, targets, pb):
+    return 2 * pb * _adapters(hidden, inter, heads, kvh, layers, r, targets, dense=True) + _steps(layers, targets)
+
+
+@wrong("14.3", "has its own adapters")
+def adam_one_layer(hidden, inter, heads, kvh, layers, r, targets, pb):
+    return 2 * pb * _adapters(hidden, inter, heads, kvh, 1, r, targets) + _steps(1, targets)
