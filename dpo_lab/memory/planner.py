@@ -233,7 +233,10 @@ def plan_dpo_memory(shape: ModelShape, cfg, nproc: int = 1, device_gib: float | 
     seqs = 2 * cfg.train.micro_batch
     tokens = tokens if tokens is not None else seqs * cfg.data.max_length
     completion_tokens = completion_tokens if completion_tokens is not None else tokens // 2
-    row = tokens if cfg.data.packing else math.ceil(tokens / seqs)  # attention-mask row per token
+    # attention-mask row per token: a packed row holds up to max_tokens_per_row (default max_length)
+    # tokens with a block-diagonal mask over the row; a padded row is one sequence
+    row = (min(tokens, cfg.data.max_tokens_per_row or cfg.data.max_length) if cfg.data.packing
+           else math.ceil(tokens / seqs))
     targets = cfg.lora.target_modules if finetune == "lora" else ()
     layer = layer_activation_bytes(shape, tokens, cb, cfg.lora.r if finetune == "lora" else None,
                                    targets, DTYPE_BYTES[cfg.lora.dtype], row) / tp
