@@ -34,8 +34,9 @@ def test_every_term_against_a_hand_count():
     assert b["adapters"] == b["adapter_grads"] == 2 * 80 * 2
     assert b["optimizer"] == 2 * 2 * 80 * 2 + 4 * 8  # + one fp32 step per adapter tensor (8)
     # per token and layer, fp32: norm inputs 2·8 + rsqrt 2 + q,k,v,out 4·(2·4) + gate,up,act 3·16
-    # = 98 values; the packed mask row (8 tokens); LoRA casts (q: 8, down: 16) + A outputs (2 each) in bf16
-    per_token = 4 * 98 + 4 * 8 + 2 * (8 + 2 + 16 + 2)
+    # = 98 values; the packed mask row (rows of max_length = 4 tokens: the two sequences are two rows);
+    # LoRA casts (q: 8, down: 16) + A outputs (2 each) in bf16
+    per_token = 4 * 98 + 4 * 4 + 2 * (8 + 2 + 16 + 2)
     assert b["activations"] == 2 * 8 * per_token + 2 * 4 * 4 * 8  # + rope cos and sin, fp32
     # chunked head: 4 completion hidden states (fp32) + one chunk (4) of logits, log-softmax, grad
     assert b["logits"] == 4 * 8 * 4 + 3 * 4 * 10 * 4
