@@ -28,7 +28,7 @@ def test_reinforce_baselines(figures):
 
 
 def test_grpo_equals_trl_and_two_ranks_equal_one(figures):
-    assert figures["grpo_vs_trl_cases"] == 108
+    assert figures["grpo_vs_trl_cases"] == 168  # trl_check's sweep, new loss types included
     # fp32: the std's reduction order differs from TRL's (1e-7); a wrong formula is off by > 1e-3
     assert figures["grpo_loss_vs_trl_max_abs_diff"] <= 1e-5
     # tolerances of tests/test_grpo_train.py: only the order of the gradient sum differs

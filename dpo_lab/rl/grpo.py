@@ -20,11 +20,25 @@ Normalisation choices that change the gradient (each a named option):
              "token-level policy gradient loss");
     dr_grpo  sum over tokens / (sequences × max_completion_length): a constant, so no length bias.
 ε_high > ε_low is DAPO's "clip-higher".
+Other surrogates TRL 1.16 offers (each a branch of `grpo_loss`, formulas as TRL 1.16 implements them):
+    cispo    −sg(min(ratio, ε_max))·A·log π_θ, dapo's normalisation: clips the IS weight, not the update,
+             so clipped tokens keep a gradient (MiniMax-M1, 2025; ε_max = epsilon_high);
+    sapo     −σ(τ(ratio−1))·4/τ·A, τ by the sign of A: a soft gate instead of a hard clip (Soft Adaptive
+             Policy Optimization, arXiv 2511.20347), grpo's normalisation;
+    luspo    grpo's clipped surrogate, summed over each sequence's tokens, mean over sequences: each
+             sequence weighted by its length (LUSPO, arXiv 2602.05261; with GSPO's sequence ratio);
+    vespo    −sg(φ(w))·A·log π_θ with w the sequence's product of token ratios and the Gamma weight
+             φ(w) = e^λ w^k e^{−λw} (k, λ by the sign of A), dapo's normalisation (VESPO, arXiv 2602.10693).
 """
+import math
+
 import torch
 
 SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO's clipped surrogate, clip metrics
+LOSS_TYPES = CLIPPED[:4]  # the normalisations; dpo_lab.rl.train splits these over groups and ranks
+TRL_LOSS_TYPES = LOSS_TYPES + ("cispo", "sapo", "luspo", "vespo")  # all that grpo_loss computes, as TRL 1.16
+SEQUENCE_OK = ("grpo", "sapo", "luspo")  # TRL warns on the others: token sums misweight it, VESPO ignores it
 STD_EPS = 1e-4  # added to the std as TRL does (a group of equal rewards has std 0 and advantage 0)
 
 
@@ -50,69 +64,112 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def vespo_weights(log_ratio, mask, advantages, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0):
+    """VESPO's Gamma weight φ(w) = exp(λ + k·log w − λ·w) per sequence (B, 1), detached; w = Π_t ratio_t
+    of the sequence (a product, not GSPO's geometric mean), log w clamped to [log 1e-8, 20] as TRL does."""
+    with torch.no_grad():
+        log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+        pos = advantages >= 0
+        k = torch.where(pos, k_pos, k_neg)
+        lam = torch.where(pos, lambda_pos, lambda_neg).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_mask(logps, old_logps, advantages, mask, threshold):
+    """DeepSeek-V3.2's off-policy sequence mask (B, 1): drop a sequence whose advantage is negative and
+    whose mean per-token KL(π_old ‖ π_θ) estimate, log π_old − log π_θ, exceeds `threshold`."""
+    kl = ((old_logps - logps.detach()) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (kl <= threshold)).to(mask.dtype)
+
+
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str = "dapo",
               epsilon_low: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
               max_completion_length: int | None = None, num_active_tokens: float | None = None,
               kl_ratio_correction: bool = False, importance_sampling_level: str = "token",
-              delta: float | None = None):
+              delta: float | None = None, sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+              vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+              vespo_lambda_neg: float = 2.0, off_policy_mask_threshold: float | None = None):
     """GRPO loss of per-token log-probs (B, T) under the policy, the sampling (old) policy and the
     reference (ignored when beta=0); `advantages` (B,); `mask` (B, T) marks completion tokens.
-    `max_completion_length` is dr_grpo's constant (default T); `num_active_tokens` is dapo's
-    denominator, the active tokens of the whole global batch (default: this batch's).
+    `max_completion_length` is dr_grpo's constant (default T); `num_active_tokens` is the dapo / cispo /
+    vespo denominator, the active tokens of the whole global batch (default: this batch's).
     `kl_ratio_correction` multiplies k3 by the ratio π_θ/π_old, which makes its gradient the unbiased
     reverse-KL gradient when samples come from π_old (DeepSeek-V3.2, 2025; TRL's default).
     `importance_sampling_level="sequence"` is GSPO (Zheng et al. 2025): one ratio per sequence, the
-    geometric mean of its token ratios (with loss_type="grpo" only, as TRL allows). `delta` caps the
-    unclipped ratio from above too (two-sided clipping, INTELLECT-2, Prime Intellect 2025).
-    Returns (loss, metrics) with the KL and the clip ratios over active tokens."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+    geometric mean of its token ratios (with loss_type in SEQUENCE_OK only). `delta` caps the
+    unclipped ratio from above too (two-sided clipping, INTELLECT-2, Prime Intellect 2025; clipped
+    surrogates only). For cispo, `epsilon_high` is the cap ε_max on the ratio itself (TRL's reading).
+    `off_policy_mask_threshold` drops negative-advantage sequences that drifted (DeepSeek-V3.2, 2025).
+    Returns (loss, metrics) with the KL and the clip ratios (or the loss type's own statistic)."""
+    if loss_type not in TRL_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: expected one of {TRL_LOSS_TYPES}")
     if logps.shape != mask.shape or old_logps.shape != mask.shape:
         raise ValueError(f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and "
                          f"mask {tuple(mask.shape)} must have one shape")
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: expected 'token' or 'sequence'")
-    if importance_sampling_level == "sequence" and loss_type != "grpo":
-        raise ValueError(f"importance_sampling_level='sequence' (GSPO) needs loss_type='grpo', not {loss_type!r}")
+    if importance_sampling_level == "sequence" and loss_type not in SEQUENCE_OK:
+        raise ValueError(f"importance_sampling_level='sequence' (GSPO) needs loss_type in {SEQUENCE_OK}, "
+                         f"not {loss_type!r}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.to(logps.dtype)
     A = advantages.unsqueeze(1)
-    log_ratio = logps - old_logps
+    token_log_ratio = logps - old_logps
+    log_ratio = token_log_ratio
     if importance_sampling_level == "sequence":  # (B, 1): a sequence's tokens share one ratio
         log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1.0)).unsqueeze(1)
     ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     if beta != 0.0:
         kl = k3_kl(logps, ref_logps)
         if kl_ratio_correction:
             kl = kl * ratio
-    if delta is not None:
-        ratio = torch.clamp(ratio, max=delta)
-    per_token = -torch.min(ratio * A, clipped * A)
+    if loss_type in CLIPPED:
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+        if delta is not None:
+            ratio = torch.clamp(ratio, max=delta)
+        per_token = -torch.min(ratio * A, clipped * A)
+    elif loss_type == "cispo":  # the weight is a constant: the gradient is sg(w)·A·∇log π_θ
+        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * A * logps
+    elif loss_type == "sapo":  # σ' peaks at ratio 1 with slope 1 after the 4/τ rescale, like the unclipped ratio
+        tau = torch.where(A > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * A
+    else:  # vespo
+        phi = vespo_weights(token_log_ratio, mask, A, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        per_token = -phi * A * logps
+    if off_policy_mask_threshold is not None:
+        per_token = per_token * off_policy_mask(logps, old_logps, A, mask, off_policy_mask_threshold)
     if beta != 0.0:
         per_token = per_token + beta * kl
 
     n_tokens = mask.sum()
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = (per_token * mask).sum() / n_tokens.clamp(min=1.0)
     elif loss_type == "dr_grpo":
         loss = (per_token * mask).sum() / (mask.shape[0] * (max_completion_length or mask.shape[1]))
-    else:  # dapo
+    elif loss_type == "luspo":  # a sequence's loss is its tokens' sum: long sequences weigh more
+        loss = (per_token * mask).sum(1).mean()
+    else:  # dapo, cispo, vespo
         denom = n_tokens if num_active_tokens is None else torch.as_tensor(num_active_tokens, dtype=logps.dtype)
         loss = (per_token * mask).sum() / denom.clamp(min=1.0)
 
-    def token_mean(x):  # one value per sequence (GSPO): their mean
+    def token_mean(x):  # one value per sequence (GSPO, VESPO's φ): their mean
         if x.shape[1] == 1:
             return x.to(mask.dtype).mean().item()
         return ((x.to(mask.dtype) * mask).sum() / n_tokens.clamp(min=1.0)).item()
 
-    # Clipping only bites where the clipped term is the min: ratio below 1−ε with A<0, above 1+ε with A>0.
-    low = (ratio < 1 - epsilon_low) & (A < 0)
-    high = (ratio > 1 + epsilon_high) & (A > 0)
-    metrics = {"clip_ratio/low_mean": token_mean(low), "clip_ratio/high_mean": token_mean(high),
-               "clip_ratio/region_mean": token_mean(low | high)}
+    metrics = {}
+    if loss_type in CLIPPED:
+        # Clipping only bites where the clipped term is the min: ratio below 1−ε with A<0, above 1+ε with A>0.
+        low = (ratio < 1 - epsilon_low) & (A < 0)
+        high = (ratio > 1 + epsilon_high) & (A > 0)
+        metrics = {"clip_ratio/low_mean": token_mean(low), "clip_ratio/high_mean": token_mean(high),
+                   "clip_ratio/region_mean": token_mean(low | high)}
+    elif loss_type == "cispo":
+        metrics["cispo_clip_ratio"] = token_mean((ratio > epsilon_high) & (A > 0))
+    elif loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = token_mean(phi)
     if beta != 0.0:
         metrics["kl"] = token_mean(kl.detach())
     return loss, metrics

@@ -14,6 +14,8 @@ import warnings
 import torch
 
 _TRAINERS = {}
+LOSS_PARAMS = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+               "vespo_lambda_neg")  # GRPOConfig fields _compute_loss reads from self.args
 
 
 class GivenLogps(torch.nn.Module):
@@ -67,9 +69,12 @@ def trainer(num_generations: int = 2, batch_size: int = 4, scale_rewards: str = 
 
 def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo", epsilon_low=0.2,
              epsilon_high=None, beta=0.0, max_completion_length=None, kl_ratio_correction=False,
-             importance_sampling_level="token", delta=None, entropies=None, prompt_len=3):
+             importance_sampling_level="token", delta=None, entropies=None, prompt_len=3,
+             off_policy_mask_threshold=None, **loss_params):
     """TRL 1.16's `GRPOTrainer._compute_loss` on these per-token tensors (B, C): (loss, logged metrics).
-    Backward through the loss reaches `logps`."""
+    Backward through the loss reaches `logps`. `loss_params`: GRPOConfig's sapo_* / vespo_* fields
+    (any left out take GRPOConfig's defaults, so one cached trainer serves every call)."""
+    from trl import GRPOConfig
     t = trainer()
     b, c = mask.shape
     t.loss_type, t.beta = loss_type, beta
@@ -79,6 +84,11 @@ def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo",
     t.current_gradient_accumulation_steps = 1
     t.args.use_bias_correction_kl = kl_ratio_correction
     t.importance_sampling_level, t.args.delta = importance_sampling_level, delta
+    t.off_policy_mask_threshold = off_policy_mask_threshold
+    for name in LOSS_PARAMS:
+        setattr(t.args, name, loss_params.pop(name, GRPOConfig.__dataclass_fields__[name].default))
+    if loss_params:
+        raise TypeError(f"trl_loss: unknown options {sorted(loss_params)}; GRPOConfig loss fields are {LOSS_PARAMS}")
     ents = torch.zeros(b, c) if entropies is None else entropies
     inputs = {"prompt_ids": torch.ones(b, prompt_len, dtype=torch.long),
               "prompt_mask": torch.ones(b, prompt_len, dtype=torch.long),
@@ -122,9 +132,10 @@ def _given_reward(completions, index, **_):
 
 
 def loss_vs_trl_max_abs_diff(G: int = 4, n_prompts: int = 3, c: int = 7, seed: int = 0) -> dict:
-    """The largest |ours − TRL| over every loss_type × scale × beta ∈ {0, 0.04} × KL form × clipping
-    off/on, and GSPO / two-sided clipping, on one ragged batch: {"advantages", "loss", "grad",
-    "metrics", "cases"}, for a notebook figure."""
+    """The largest |ours − TRL| over every loss_type (× scale for grpo/bnpo/dr_grpo/dapo) × beta ∈
+    {0, 0.04} × KL form × clipping off/on, GSPO / two-sided clipping, sequence-level LUSPO and SAPO, each type's second parameter
+    setting and the off-policy mask, on one ragged batch: {"advantages", "loss", "grad", "metrics",
+    "cases"}, for a notebook figure."""
     import itertools
 
     from dpo_lab.rl import grpo
@@ -136,20 +147,34 @@ def loss_vs_trl_max_abs_diff(G: int = 4, n_prompts: int = 3, c: int = 7, seed: i
     ref = logps + 0.3 * torch.randn(b, c, generator=g)
     noise = torch.randn(b, c, generator=g)
     worst = dict.fromkeys(("advantages", "loss", "grad", "metrics"), 0.0)
+    # the scale only changes the advantages (compared on their own below): the types added after the
+    # first four run with "group" only, which keeps the sweep's cost down
     grid = [(scale, dict(loss_type=lt, beta=beta, kl_ratio_correction=corr), spread)
-            for scale, lt, beta, corr, spread in itertools.product(
-                grpo.SCALES, grpo.LOSS_TYPES, (0.0, 0.04), (False, True), (0.01, 0.6))]
+            for lt in grpo.TRL_LOSS_TYPES for scale, beta, corr, spread in itertools.product(
+                grpo.SCALES if lt in grpo.LOSS_TYPES else ("group",), (0.0, 0.04), (False, True), (0.01, 0.6))]
     grid += [("group", dict(loss_type="grpo", beta=beta, kl_ratio_correction=True, importance_sampling_level=lvl,
                             delta=delta), spread)  # GSPO and two-sided clipping
              for (lvl, delta), beta, spread in itertools.product(
                  [("sequence", None), ("token", 1.1), ("sequence", 1.1)], (0.0, 0.04), (0.01, 0.6))]
+    grid += [("group", dict(loss_type=lt, beta=beta, kl_ratio_correction=True, importance_sampling_level="sequence"),
+              spread) for lt, beta, spread in itertools.product(("luspo", "sapo"), (0.0, 0.04), (0.01, 0.6))]
+    grid += [("group", dict(beta=beta, **params), spread)  # a binding ε_max; other temperatures / Gamma shapes
+             for params, beta, spread in itertools.product(
+                 [dict(loss_type="cispo", epsilon_high=1.2),
+                  dict(loss_type="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
+                  dict(loss_type="vespo", vespo_k_pos=1.0, vespo_lambda_pos=1.0, vespo_k_neg=2.0,
+                       vespo_lambda_neg=4.0)],
+                 (0.0, 0.04), (0.01, 0.6))]
+    grid += [("group", dict(loss_type=lt, off_policy_mask_threshold=0.05), 0.6) for lt in grpo.TRL_LOSS_TYPES]
     for scale in grpo.SCALES:
         adv = grpo.group_advantages(rewards, G, scale)
         worst["advantages"] = max(worst["advantages"], (adv - trl_advantages(rewards, G, scale)).abs().max().item())
     cases = 0
     for scale, options, spread in grid:
         adv = grpo.group_advantages(rewards, G, scale)
-        kw = dict(epsilon_low=0.2, epsilon_high=0.28, **options)
+        # CISPO's ε_high is a cap on the ratio itself: ScaleRL's 5.0 unless the case sets one
+        kw = dict(epsilon_low=0.2, epsilon_high=5.0 if options["loss_type"] == "cispo" else 0.28)
+        kw.update(options)
         old = logps + spread * noise
         x, y = logps.clone().requires_grad_(), logps.clone().requires_grad_()
         ours, om = grpo.grpo_loss(x, old, ref, adv, mask, **kw)
@@ -157,6 +182,6 @@ def loss_vs_trl_max_abs_diff(G: int = 4, n_prompts: int = 3, c: int = 7, seed: i
         ours.backward(), theirs.backward()
         worst["loss"] = max(worst["loss"], abs(ours.item() - theirs.item()))
         worst["grad"] = max(worst["grad"], (x.grad - y.grad).abs().max().item())
-        worst["metrics"] = max(worst["metrics"], *(abs(v - tm[k]) for k, v in om.items()))
+        worst["metrics"] = max(worst["metrics"], 0.0, *(abs(v - tm[k]) for k, v in om.items()))  # sapo: none
         cases += 1
     return {**worst, "cases": cases}
