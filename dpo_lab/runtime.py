@@ -1,7 +1,10 @@
 """Seeding, profiles and devices: what every notebook's first real cell calls."""
+import contextlib
 import logging
 import os
 import random
+import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -80,3 +83,18 @@ def pick(profile: str, **choices):
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Send file descriptor 2 to a scratch file for a while: C++ code that writes there directly
+    (torch's profiler start/stop lines, bitsandbytes' import message) would show in a notebook."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as scratch:
+        os.dup2(scratch.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

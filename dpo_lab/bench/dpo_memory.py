@@ -14,34 +14,16 @@ from the plain path:
 The peak is measured with `dpo_lab.bench.logprobs`'s functions (allocator events replayed from
 `torch.profiler` on a CPU, `max_memory_allocated` on a GPU).
 """
-import contextlib
-import os
-import sys
-import tempfile
 
 import torch
 
 from dpo_lab.bench.logprobs import _cpu_peak_bytes, _cuda_peak_bytes
+from dpo_lab.runtime import quiet_stderr
 
 VARIANTS = ("fp32_logits", "chunked_logits", "packed", "no_reference")
 # Qwen2-0.5B's vocabulary (see dpo_lab.bench.dpo.LARGE_VOCAB); a one-layer body keeps it fast
 BODY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """torch 2.13's profiler (kineto) writes start/stop lines to file descriptor 2, which a
-    notebook kernel would show: send them to a scratch file while measuring."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as scratch:
-        os.dup2(scratch.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _model(vocab: int, seed: int, device):
@@ -104,7 +86,7 @@ def pieces(vocab: int = 151_936, pairs: int = 2, max_length: int = 40, seed: int
         if device.type == "cuda":
             peak = _cuda_peak_bytes(step, device)
         else:
-            with _quiet_stderr():
+            with quiet_stderr():
                 peak = _cpu_peak_bytes(step)
         peaks[variant] = peak / 2**20
     return {"peak_mib": peaks, "logps": logps, "vocab": vocab, "pairs": pairs,

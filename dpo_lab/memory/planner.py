@@ -302,7 +302,7 @@ def _measure_rank(cfg_dict: dict) -> dict:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from dpo_lab.bench.dpo_memory import _quiet_stderr
+    from dpo_lab.runtime import quiet_stderr
     from dpo_lab.bench.logprobs import _cpu_peak_bytes, _cuda_peak_bytes
     from dpo_lab.dpo.batching import BatchPlan, EncodedRows, to_device
     from dpo_lab.dpo.config import from_dict
@@ -349,7 +349,7 @@ def _measure_rank(cfg_dict: dict) -> dict:
     if device.type == "cuda":  # the allocator's own statistics (not yet run on a GPU here)
         peak = _cuda_peak_bytes(lambda: step(measured), device)
     else:
-        with _quiet_stderr():
+        with quiet_stderr():
             peak = _cpu_peak_bytes(lambda: step(measured))
     saved = {}
 

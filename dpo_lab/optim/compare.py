@@ -5,10 +5,6 @@ fine-tuning runs (full, LoRA, LISA) start from a model pre-trained on one Markov
 another chain, all at the same steps, batches and learning rate. Losses are scored on a fixed clean
 batch of the task being trained.
 """
-import contextlib
-import os
-import sys
-import tempfile
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +16,7 @@ from dpo_lab.optim.galore import GaLoreAdamW
 from dpo_lab.optim.lisa import LISA
 from dpo_lab.optim.muon import Muon
 from dpo_lab.optim.state_bytes import state_bytes
+from dpo_lab.runtime import quiet_stderr
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up", "down"]
 
@@ -117,21 +114,6 @@ def finetune(method: str, base: dict, task_seed: int, seed: int, steps: int, lr:
     curve = train(model, [opt], MarkovTask(64, seed=task_seed), steps, seed, lisa=lisa)
     return {"curve": curve, "final": curve[-1], "state_bytes": state_bytes(opt), "model": model,
             "lisa": lisa}
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """bitsandbytes (imported by galore_torch) writes to file descriptor 2 on import; a notebook
-    kernel would show it: send it to a scratch file."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as scratch:
-        os.dup2(scratch.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def galore_twins(steps: int, seed: int, rank: int = 4, gap: int = 5, lr: float = 1e-2) -> float:
