@@ -97,17 +97,8 @@ def test_errors_name_the_bad_input():
         LengthWarmup(LENGTHS, min(LENGTHS), 7, 10, BUDGET)
 
 
-# Notebook 13's graders: every realistic wrong solution gets its diagnosis, the library passes.
+# Notebook 13's graders pass the library's own versions (the wrong solutions: tests/test_exercises.py).
 from dpo_lab import exercises as ex  # noqa: E402
-from tests.wrong_solutions import case_id, cases  # noqa: E402
-
-
-@pytest.mark.parametrize("case", cases(("13",)), ids=case_id)
-def test_a_wrong_solution_gets_its_diagnosis(case):
-    id, diagnosis, fn = case
-    result = ex.grade(ex.get(id), fn)
-    assert result.status == "fail", f"{fn.__name__} passed exercise {id}'s check"
-    assert diagnosis in result.message, result.message
 
 
 def test_the_library_passes_the_graders():

@@ -1,5 +1,6 @@
 """Checks of notebook 14's exercises (the memory wall). 14.1 counts a matmul by hand here; 14.2
-measures a real block's saved tensors with autograd's hooks: neither uses dpo_lab.memory."""
+measures a real block's saved tensors with autograd's hooks (dpo_lab.memory.recompute.saved_tensor_bytes,
+not its formula)."""
 import torch
 
 from dpo_lab.exercises import Wrong, exercise
@@ -45,22 +46,13 @@ def check_matmul_cost(fn):
 def _measured_block_bytes(batch, seq, dim, n_heads, n_kv_heads, mlp_ratio):
     """Saved-tensor bytes of dpo_lab's Block (fp32) on a (batch, seq, dim) input, each storage once."""
     from dpo_lab.arch.transformer import Block
+    from dpo_lab.memory.recompute import saved_tensor_bytes
 
     torch.manual_seed(0)
     block = Block(dim, n_heads, n_kv_heads, mlp_ratio)
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
     x = torch.randn(batch, seq, dim, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x).sum()
-    return sum(seen.values())
+    # the measurement (autograd's hooks), not the package's formula that the student re-derives
+    return saved_tensor_bytes(lambda: block(x).sum(), block.parameters())
 
 
 @exercise("14.2", "the saved-activation bytes of a block")

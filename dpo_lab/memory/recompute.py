@@ -63,21 +63,27 @@ def forward(model, tokens, policy: str = "none", k: int = 2):
     return model.head(model.norm(x))
 
 
-def saved_bytes(model, tokens, policy: str = "none", k: int = 2) -> int:
-    """Bytes autograd keeps for backward after forward (and a mean, to have a scalar loss):
-    every saved tensor's storage counted once, parameters excluded (they live anyway)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_tensor_bytes(run, params=()) -> int:
+    """Bytes autograd keeps for backward while `run()` builds a graph: every saved tensor's storage
+    counted once, storages of `params` excluded (they live anyway)."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
     seen = {}
 
     def pack(t):
         st = t.untyped_storage()
-        if st.data_ptr() not in params:
+        if st.data_ptr() not in skip:
             seen[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward(model, tokens, policy, k).mean()
+        run()
     return sum(seen.values())
+
+
+def saved_bytes(model, tokens, policy: str = "none", k: int = 2) -> int:
+    """Bytes autograd keeps for backward after forward (and a mean, to have a scalar loss),
+    parameters excluded."""
+    return saved_tensor_bytes(lambda: forward(model, tokens, policy, k).mean(), model.parameters())
 
 
 def block_saved_bytes(batch: int, seq: int, dim: int, n_heads: int, n_kv_heads: int,
