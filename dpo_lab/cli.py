@@ -148,6 +148,29 @@ def cmd_memory(args) -> int:
     return 0 if plan.fits in (None, True) else 1
 
 
+def cmd_cache(args) -> int:
+    """The reference log-prob cache: what it holds, and pruning it to a size (least recently used first)."""
+    from datetime import datetime
+
+    from dpo_lab.dpo import ref_cache
+    from dpo_lab.paths import cache_dir
+    root = args.dir or cache_dir()
+    if args.max_gib is not None:
+        if args.max_gib < 0:
+            print(f"error: --max-gib {args.max_gib} must be >= 0", file=sys.stderr)
+            return 2
+        for e in ref_cache.prune(root, int(args.max_gib * 2**30)):
+            print(f"deleted {e['dir']} ({e['bytes'] / 2**20:.1f} MiB)")
+    entries = ref_cache.usage(root)
+    for e in entries:
+        when = datetime.fromtimestamp(e["last_used"]).strftime("%Y-%m-%d %H:%M")
+        print(f"{e['dir'].name}  {e['bytes'] / 2**20:9.1f} MiB  {e['rows'] if e['rows'] is not None else '?':>8} rows  "
+              f"last used {when}")
+    print(f"{len(entries)} reference cache(s), {sum(e['bytes'] for e in entries) / 2**20:.1f} MiB in "
+          f"{root}/ref_logps")
+    return 0
+
+
 def cmd_train(args, rest) -> int:
     if args.kind != "dpo":
         print(f"unknown training kind {args.kind!r}; have: dpo", file=sys.stderr)
@@ -196,6 +219,9 @@ def main(argv=None) -> int:
     mem.add_argument("--reference", choices=("adapters_off", "separate", "cached"), default=None,
                      help="default: from the config (cached with dpo.precompute_ref/ref_cache)")
     mem.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+    c = sub.add_parser("cache", help="list the reference log-prob caches; --max-gib N prunes the least recently used")
+    c.add_argument("--max-gib", type=float, default=None, help="delete the least recently used until at most N GiB")
+    c.add_argument("--dir", default=None, help="cache root (default: $DPO_LAB_CACHE or build/cache)")
     t = sub.add_parser("train", help="train (dpo-lab train dpo --config FILE ...)", add_help=False)
     t.add_argument("kind")
     args, rest = p.parse_known_args(argv)
@@ -205,7 +231,7 @@ def main(argv=None) -> int:
         p.error(f"unrecognised arguments: {' '.join(rest)}")
     t0 = time.perf_counter()
     code = {"list": cmd_list, "run": cmd_run, "bench": cmd_bench, "student": cmd_student,
-            "exercises": cmd_exercises, "memory": cmd_memory}[args.cmd](args)
+            "exercises": cmd_exercises, "memory": cmd_memory, "cache": cmd_cache}[args.cmd](args)
     if args.cmd == "run":
         print(f"total {time.perf_counter() - t0:.1f} s")
     return code

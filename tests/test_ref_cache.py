@@ -92,6 +92,29 @@ def test_corrupt_part_and_manifest_are_named_and_dropped(base, tmp_path):
     assert cache.load() == ({b"k" * 16: (b"r" * 16, -1.0, -2.0)}, [])
 
 
+def test_prune_deletes_the_least_recently_used_until_the_cache_fits(base, tmp_path, capsys):
+    import os
+    from dpo_lab.cli import main
+    caches = [ref_cache.RefCache(tmp_path, {**ref_cache.fingerprint_inputs(*base), "max_length": n}) for n in (1, 2, 3)]
+    for i, c in enumerate(caches):
+        c.save({bytes([k]) * 16: (bytes([k]) * 16, -1.0, -2.0) for k in range(4 * (i + 1))})
+        os.utime(c.manifest, (1000.0 * (i + 1), 1000.0 * (i + 1)))  # used long ago, oldest first
+    caches[0].load()  # a load is a use: the oldest becomes the newest
+    sizes = {e["dir"]: e["bytes"] for e in ref_cache.usage(tmp_path)}
+    assert [e["dir"] for e in ref_cache.usage(tmp_path)] == [caches[0].dir, caches[2].dir, caches[1].dir]
+    assert [e["rows"] for e in ref_cache.usage(tmp_path)] == [4, 12, 8]
+    # room for the two most recent: only the least recently used goes (caches[0] is fresh: kept anyway)
+    gone = ref_cache.prune(tmp_path, sizes[caches[0].dir] + sizes[caches[2].dir])
+    assert [e["dir"] for e in gone] == [caches[1].dir] and not caches[1].dir.exists()
+    assert caches[2].load()[0] and caches[0].load()[0]
+    os.utime(caches[2].manifest, (3000.0, 3000.0))
+    assert main(["cache", "--dir", str(tmp_path), "--max-gib", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"deleted {caches[2].dir}" in out  # idle: deleted; caches[0] was just used: kept
+    assert caches[0].dir.exists() and not caches[2].dir.exists() and "1 reference cache(s)" in out
+    assert main(["cache", "--dir", str(tmp_path), "--max-gib", "-1"]) == 2
+
+
 def _pairs(tok, n=3):
     from dpo_lab.dpo.batching import encode_pair
     return [encode_pair(tok, {"prompt": f"{i}+{2 * i}=", "chosen": str(3 * i), "rejected": str(3 * i + 1)})

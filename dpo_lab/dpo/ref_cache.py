@@ -29,13 +29,17 @@ or thread count recomputes instead of reusing values that may be ~1e-7 off.
 Files are written under a unique temporary name and renamed (atomic on POSIX), the manifest's
 read-modify-write holds an exclusive lock (two runs with one fingerprint, e.g. pytest-xdist
 workers, never drop each other's parts), and each part's sha256 is in the manifest: a torn or
-corrupt part is reported by name and its rows are recomputed.
+corrupt part is reported by name and its rows are recomputed. Loading touches the manifest, so its
+mtime is the directory's last use: `prune` (`dpo-lab cache --max-gib N`) deletes the least recently
+used directories until the cache fits.
 """
 import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -177,6 +181,8 @@ class RefCache:
     def load(self) -> tuple[dict, list]:
         from safetensors.torch import load_file
         table, problems = {}, []
+        if self.manifest.exists():
+            os.utime(self.manifest)  # last use, for `prune`
         for part in self._parts(problems):
             path = self.dir / part["file"]
             try:
@@ -216,6 +222,41 @@ class RefCache:
             body = json.dumps({"inputs": self.inputs, "parts": parts}, indent=1)
             _atomic_write(self.manifest, lambda p: p.write_text(body))
         return self.dir / name
+
+
+def usage(root) -> list[dict]:
+    """Each fingerprint directory under `root`/ref_logps: {dir, bytes, rows, last_used (epoch s)},
+    most recently used first."""
+    out = []
+    for d in sorted((Path(root) / "ref_logps").glob("*/")):
+        manifest = d / "manifest.json"
+        try:
+            rows = sum(p["rows"] for p in json.loads(manifest.read_text())["parts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            rows = None  # unreadable: a candidate for pruning like any other
+        last = (manifest if manifest.exists() else d).stat().st_mtime
+        out.append({"dir": d, "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
+                    "rows": rows, "last_used": last})
+    return sorted(out, key=lambda e: -e["last_used"])
+
+
+def prune(root, max_bytes: int, min_idle_s: float = 60.0) -> list[dict]:
+    """Delete the least recently used fingerprint directories until the rest take at most
+    `max_bytes`; one used in the last `min_idle_s` seconds is kept (a run may be writing it).
+    Returns the entries deleted."""
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes={max_bytes} must be >= 0")
+    entries, gone = usage(root), []
+    total = sum(e["bytes"] for e in entries)
+    for e in reversed(entries):  # oldest first
+        if total <= max_bytes:
+            break
+        if time.time() - e["last_used"] < min_idle_s:
+            continue
+        shutil.rmtree(e["dir"], ignore_errors=True)
+        total -= e["bytes"]
+        gone.append(e)
+    return gone
 
 
 def precompute(cache: RefCache | None, plan: list, build, forward, row_keys: dict, env: dict):
