@@ -16,6 +16,7 @@ import torch
 _TRAINERS = {}
 LOSS_PARAMS = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
                "vespo_lambda_neg")  # GRPOConfig fields _compute_loss reads from self.args
+ENTROPY_PARAMS = ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target")
 
 
 class GivenLogps(torch.nn.Module):
@@ -70,10 +71,14 @@ def trainer(num_generations: int = 2, batch_size: int = 4, scale_rewards: str = 
 def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo", epsilon_low=0.2,
              epsilon_high=None, beta=0.0, max_completion_length=None, kl_ratio_correction=False,
              importance_sampling_level="token", delta=None, entropies=None, prompt_len=3,
-             off_policy_mask_threshold=None, **loss_params):
+             off_policy_mask_threshold=None, top_entropy_quantile=1.0, entropy_coef=0.0, adaptive_entropy=None,
+             **loss_params):
     """TRL 1.16's `GRPOTrainer._compute_loss` on these per-token tensors (B, C): (loss, logged metrics).
     Backward through the loss reaches `logps`. `loss_params`: GRPOConfig's sapo_* / vespo_* fields
-    (any left out take GRPOConfig's defaults, so one cached trainer serves every call)."""
+    (any left out take GRPOConfig's defaults, so one cached trainer serves every call).
+    `adaptive_entropy`: None (static `entropy_coef`), a dict of GRPOConfig's entropy_coef_min / _max /
+    _delta / entropy_target to start a controller at `entropy_coef`, or "continue" to take one more
+    optimizer step with the controller state TRL kept from the previous call."""
     from trl import GRPOConfig
     t = trainer()
     b, c = mask.shape
@@ -87,6 +92,19 @@ def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo",
     t.off_policy_mask_threshold = off_policy_mask_threshold
     for name in LOSS_PARAMS:
         setattr(t.args, name, loss_params.pop(name, GRPOConfig.__dataclass_fields__[name].default))
+    t.top_entropy_quantile = top_entropy_quantile
+    if adaptive_entropy != "continue":  # a fresh controller (or none): TRL's __init__ state
+        t.use_adaptive_entropy = adaptive_entropy is not None
+        t.entropy_coef = entropy_coef
+        t._entropy_bonus_enabled = entropy_coef != 0.0 or t.use_adaptive_entropy
+        t._last_world_entropy, t._entropy_window_stats = float("inf"), None
+        params = dict(adaptive_entropy or {})
+        if set(params) - set(ENTROPY_PARAMS):
+            raise TypeError(f"trl_loss: adaptive_entropy options {sorted(set(params) - set(ENTROPY_PARAMS))}; "
+                            f"expected some of {ENTROPY_PARAMS}")
+        for name in ENTROPY_PARAMS:  # left out: GRPOConfig's default, whatever an earlier call set
+            setattr(t.args, name, params.get(name, GRPOConfig.__dataclass_fields__[name].default))
+    t.accelerator.gradient_state._set_sync_gradients(True)  # every call is one whole optimizer step
     if loss_params:
         raise TypeError(f"trl_loss: unknown options {sorted(loss_params)}; GRPOConfig loss fields are {LOSS_PARAMS}")
     ents = torch.zeros(b, c) if entropies is None else entropies
