@@ -45,7 +45,7 @@ import torch
 
 SCALES = ("group", "batch", "none")
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO's clipped surrogate, clip metrics
-LOSS_TYPES = CLIPPED[:4]  # the normalisations; dpo_lab.rl.train splits these over groups and ranks
+LOSS_TYPES = CLIPPED[:4]  # the four normalisations of the clipped surrogate
 TRL_LOSS_TYPES = LOSS_TYPES + ("cispo", "sapo", "luspo", "vespo")  # all that grpo_loss computes, as TRL 1.16
 SEQUENCE_OK = ("grpo", "sapo", "luspo")  # TRL warns on the others: token sums misweight it, VESPO ignores it
 STD_EPS = 1e-4  # added to the std as TRL does (a group of equal rewards has std 0 and advantage 0)
