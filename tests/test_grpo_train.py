@@ -57,11 +57,13 @@ def test_group_shares_add_up_to_the_batch_loss(loss_type, options):
 # rank's prompts sampled with another's seeds) moves parameters by ~lr and metrics by > 1e-2.
 # the second also evaluates greedy success every 2 steps and stops on it (threshold 0: at step 1); the third
 # keeps the top half of the batch's entropy tokens (threshold over both ranks' tokens) and adds the adaptive
-# entropy bonus (target above any entropy here: off at step 0, no measurement yet; on at step 1)
+# entropy bonus (target above any entropy here: off at step 0, no measurement yet; on at step 1), and drops
+# completions cut at max_new_tokens (their tokens leave the global token count on both layouts alike)
 SETTINGS = [dict(loss_type="dapo", scale="batch", steps=2),
             dict(loss_type="grpo", scale="group", steps=3, eval_every=2, stop_at_success=0.0),
             dict(loss_type="cispo", scale="group", steps=2, epsilon_high=5.0, top_entropy_quantile=0.5,
-                 entropy_coef=0.05, use_adaptive_entropy=True, entropy_target=20.0, entropy_coef_delta=0.01)]
+                 entropy_coef=0.05, use_adaptive_entropy=True, entropy_target=20.0, entropy_coef_delta=0.01,
+                 mask_truncated_completions=True, max_new_tokens=3)]
 
 
 @pytest.fixture(scope="module")

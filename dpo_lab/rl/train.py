@@ -50,6 +50,7 @@ class GRPOSettings:
     epsilon_high: float = 0.28      # DAPO's clip-higher
     temperature: float = 1.0
     max_new_tokens: int = 6
+    mask_truncated_completions: bool = False  # DAPO: completions cut at max_new_tokens add no token
     checker: str = "exact"          # the reward; "contains"/"prefix" are the loose ones
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -175,7 +176,8 @@ def train_grpo(rows, s: GRPOSettings, model=None, progress: bool = True, eval_ro
     for step in bar:
         prompts = step_prompts(rows, s, step)[rank * share:(rank + 1) * share]
         ro = rollout(policy, tok, prompts, s.G, seed=s.seed, step=step, first_index=rank * share,
-                     max_new_tokens=s.max_new_tokens, temperature=s.temperature, checker=checker)
+                     max_new_tokens=s.max_new_tokens, temperature=s.temperature, checker=checker,
+                     mask_truncated=s.mask_truncated_completions)
         rewards = _gather(ro.rewards)  # whole groups (and the whole batch) on every rank
         adv = grpo.group_advantages(rewards, s.G, s.scale)[rank * share * s.G:(rank + 1) * share * s.G]
         mask = ro.completion_mask.float()

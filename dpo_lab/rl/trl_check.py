@@ -136,7 +136,27 @@ def trl_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> torch
     return out["advantages"]
 
 
-_GIVEN = {}  # the rewards trl_advantages hands to TRL; module-level so the cached trainer keeps working
+_GIVEN = {}  # the rewards / completions handed to TRL; module-level so the cached trainers keep working
+
+
+def trl_truncation_mask(completion_ids: list[list[int]], G: int) -> torch.Tensor:
+    """TRL's completion_mask (rows, max length) with mask_truncated_completions=True for these
+    completions (each unpadded: up to and with its EOS, or cut), through `_generate_and_score_completions`."""
+    n = len(completion_ids)
+    t = trainer(num_generations=G, batch_size=n, rollout_func=_given_completions, reward_func=_given_reward)
+    t.mask_truncated_completions = True
+    _GIVEN["rewards"], _GIVEN["completions"] = [0.0] * n, completion_ids
+    t.model.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        out = t._generate_and_score_completions([{"prompt": f"{i // G}+1="} for i in range(n)])
+    return out["completion_mask"]
+
+
+def _given_completions(prompts, trainer_):
+    n = len(prompts)
+    return {"prompt_ids": [[1, 2]] * n, "completion_ids": _GIVEN["completions"],
+            "logprobs": [[0.0] * len(c) for c in _GIVEN["completions"]], "index": list(range(n))}
 
 
 def _given_rollout(prompts, trainer_):  # any ids: only the rewards matter to the advantages
