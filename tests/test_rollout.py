@@ -66,6 +66,24 @@ def test_completion_mask_covers_up_to_and_with_eos(tok, sft, prompts):
         assert mrow == [1] * n + [0] * (len(row) - n)
 
 
+def test_masked_truncation_equals_trl(tok, sft, prompts):
+    """DAPO's overlong filtering: completions cut at max_new_tokens lose their whole mask, as TRL's
+    mask_truncated_completions does to the same completions (TRL's `_generate_and_score_completions`)."""
+    from dpo_lab.rl import trl_check
+    G = 4
+    kw = dict(seed=0, step=0, max_new_tokens=3, temperature=2.0)  # hot and short: some answers get cut
+    full = R.rollout(sft, tok, prompts[:3], G, **kw)
+    ro = R.rollout(sft, tok, prompts[:3], G, mask_truncated=True, **kw)
+    assert torch.equal(full.completion_ids, ro.completion_ids)
+    cut = ro.completion_mask.sum(1) == 0
+    assert 0 < cut.sum() < len(cut)  # both kinds in the batch
+    assert torch.equal(ro.completion_mask[~cut], full.completion_mask[~cut])
+    unpadded = [row[:n].tolist() for row, n in zip(full.completion_ids, full.completion_mask.sum(1))]
+    theirs = trl_check.trl_truncation_mask(unpadded, G)
+    assert torch.equal(ro.completion_mask[:, :theirs.shape[1]], theirs.to(ro.completion_mask.dtype))
+    assert ro.completion_mask[:, theirs.shape[1]:].sum() == 0
+
+
 @pytest.mark.parametrize("which", ["random", "sft"])
 def test_samples_do_not_depend_on_the_batch_layout(tok, sft, prompts, which):
     # the random model's samples vary a lot with the seed, so a seed that ignores the prompt's

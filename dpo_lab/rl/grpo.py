@@ -29,14 +29,23 @@ Other surrogates TRL 1.16 offers (each a branch of `grpo_loss`, formulas as TRL 
              sequence weighted by its length (LUSPO, arXiv 2602.05261; with GSPO's sequence ratio);
     vespo    −sg(φ(w))·A·log π_θ with w the sequence's product of token ratios and the Gamma weight
              φ(w) = e^λ w^k e^{−λw} (k, λ by the sign of A), dapo's normalisation (VESPO, arXiv 2602.10693).
+Token selection and regularisation (TRL 1.16's options too):
+    top_entropy_quantile ρ   keep in the policy term only the tokens whose entropy is in the top ρ of the
+             batch's completion tokens (Wang et al. 2025, "Beyond the 80/20 Rule", arXiv 2506.01939);
+    entropy_coef             loss − coef · mean entropy over the kept tokens, the same for every loss type;
+    AdaptiveEntropy          Skywork-OR1's controller of that coefficient (He et al. 2025, arXiv 2505.22312).
+TRL's vLLM importance-sampling correction (`vllm_importance_sampling_*`) is not here: it reweights for
+the gap between vLLM's sampler and the trained model's log-probs, and our completions are sampled by
+the trained model itself (dpo_lab.rl.rollout), so that ratio is 1.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
 SCALES = ("group", "batch", "none")
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO's clipped surrogate, clip metrics
-LOSS_TYPES = CLIPPED[:4]  # the normalisations; dpo_lab.rl.train splits these over groups and ranks
+LOSS_TYPES = CLIPPED[:4]  # the four normalisations of the clipped surrogate
 TRL_LOSS_TYPES = LOSS_TYPES + ("cispo", "sapo", "luspo", "vespo")  # all that grpo_loss computes, as TRL 1.16
 SEQUENCE_OK = ("grpo", "sapo", "luspo")  # TRL warns on the others: token sums misweight it, VESPO ignores it
 STD_EPS = 1e-4  # added to the std as TRL does (a group of equal rewards has std 0 and advantage 0)
@@ -82,13 +91,70 @@ def off_policy_mask(logps, old_logps, advantages, mask, threshold):
     return ((advantages >= 0) | (kl <= threshold)).to(mask.dtype)
 
 
+def entropy_threshold(entropies, mask, top_entropy_quantile):
+    """The entropy at quantile 1−ρ of the completion tokens (mask > 0) only, linear interpolation as
+    torch.quantile (TRL's `get_high_entropy_mask`); None when there are no tokens. For a split batch,
+    pass all its tokens' entropies (every group, every rank) as one (1, n) row."""
+    if not 0.0 <= top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile={top_entropy_quantile}: expected a value in [0, 1]")
+    active = entropies.detach()[mask.bool()].float()
+    return torch.quantile(active, 1 - top_entropy_quantile) if active.numel() else None
+
+
+def high_entropy_mask(entropies, mask, threshold):
+    """1 on completion tokens whose entropy is ≥ threshold (ties kept, so ρ=0 keeps the maximum); all 0
+    when threshold is None (no tokens anywhere)."""
+    if threshold is None:
+        return torch.zeros_like(mask)
+    return ((entropies.detach() >= threshold) & mask.bool()).to(mask.dtype)
+
+
+def entropy_bonus(entropies, mask, num_tokens=None):
+    """Mean entropy over `mask`'s tokens, or their sum / `num_tokens` (a split batch's global count)."""
+    n = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=entropies.dtype)
+    return (entropies * mask).sum() / n.clamp(min=1.0)
+
+
+@dataclass
+class AdaptiveEntropy:
+    """Skywork-OR1's adaptive entropy control, as TRL 1.16 steps it: after each optimizer step, the
+    coefficient moves by `delta` (within [coef_min, coef_max]) up if the step's entropy was ≤ `target`,
+    down otherwise; the bonus a step applies is the coefficient *before* that update, and only when the
+    previous step's entropy was ≤ target (none before any measurement)."""
+    coef: float = 0.0
+    coef_min: float = 0.0
+    coef_max: float = 1.0
+    delta: float = 0.005
+    target: float = 0.2
+    last_entropy: float = math.inf
+
+    def coef_to_apply(self) -> float:
+        return self.coef if self.last_entropy <= self.target else 0.0
+
+    def update(self, world_entropy: float) -> float:
+        """`world_entropy`: the step's mean entropy over the tokens the bonus acts on, all ranks."""
+        if world_entropy <= self.target:
+            self.coef = min(self.coef + self.delta, self.coef_max)
+        else:
+            self.coef = max(self.coef - self.delta, self.coef_min)
+        self.last_entropy = world_entropy
+        return self.coef
+
+
+def _nan_extreme(x, fn):  # TRL's nanmin / nanmax: a sequence with no tokens has a NaN mean
+    x = x[~torch.isnan(x)]
+    return fn(x).item() if x.numel() else math.nan
+
+
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str = "dapo",
               epsilon_low: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
               max_completion_length: int | None = None, num_active_tokens: float | None = None,
               kl_ratio_correction: bool = False, importance_sampling_level: str = "token",
               delta: float | None = None, sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
               vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
-              vespo_lambda_neg: float = 2.0, off_policy_mask_threshold: float | None = None):
+              vespo_lambda_neg: float = 2.0, off_policy_mask_threshold: float | None = None,
+              entropies=None, top_entropy_quantile: float = 1.0, entropy_threshold_value=None,
+              entropy_coef: float = 0.0, num_entropy_tokens: float | None = None):
     """GRPO loss of per-token log-probs (B, T) under the policy, the sampling (old) policy and the
     reference (ignored when beta=0); `advantages` (B,); `mask` (B, T) marks completion tokens.
     `max_completion_length` is dr_grpo's constant (default T); `num_active_tokens` is the dapo / cispo /
@@ -100,7 +166,11 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str =
     unclipped ratio from above too (two-sided clipping, INTELLECT-2, Prime Intellect 2025; clipped
     surrogates only). For cispo, `epsilon_high` is the cap ε_max on the ratio itself (TRL's reading).
     `off_policy_mask_threshold` drops negative-advantage sequences that drifted (DeepSeek-V3.2, 2025).
-    Returns (loss, metrics) with the KL and the clip ratios (or the loss type's own statistic)."""
+    `entropies` (B, T), the policy's entropy per position, are needed for `top_entropy_quantile` < 1
+    (threshold from this batch, or `entropy_threshold_value` computed over a whole split batch) and
+    `entropy_coef` ≠ 0 (the bonus's denominator: `num_entropy_tokens`, default this batch's kept tokens).
+    Returns (loss, metrics) with the KL, the clip ratios (or the loss type's own statistic), the entropy
+    and, with the bonus, the policy loss without it."""
     if loss_type not in TRL_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {TRL_LOSS_TYPES}")
     if logps.shape != mask.shape or old_logps.shape != mask.shape:
@@ -111,8 +181,20 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str =
     if importance_sampling_level == "sequence" and loss_type not in SEQUENCE_OK:
         raise ValueError(f"importance_sampling_level='sequence' (GSPO) needs loss_type in {SEQUENCE_OK}, "
                          f"not {loss_type!r}")
+    if not 0.0 <= top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile={top_entropy_quantile}: expected a value in [0, 1]")
+    if entropies is None and (top_entropy_quantile < 1.0 or entropy_coef != 0.0):
+        raise ValueError(f"top_entropy_quantile={top_entropy_quantile}, entropy_coef={entropy_coef} need "
+                         "entropies (B, T)")
+    if entropies is not None and entropies.shape != mask.shape:
+        raise ValueError(f"entropies {tuple(entropies.shape)} must have mask's shape {tuple(mask.shape)}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.to(logps.dtype)
+    keep = None  # the high-entropy tokens, when the policy term keeps only those
+    if top_entropy_quantile < 1.0:
+        thr = entropy_threshold(entropies, mask, top_entropy_quantile) if entropy_threshold_value is None \
+            else entropy_threshold_value
+        keep = high_entropy_mask(entropies, mask, thr)
     A = advantages.unsqueeze(1)
     token_log_ratio = logps - old_logps
     log_ratio = token_log_ratio
@@ -138,6 +220,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str =
         per_token = -phi * A * logps
     if off_policy_mask_threshold is not None:
         per_token = per_token * off_policy_mask(logps, old_logps, A, mask, off_policy_mask_threshold)
+    if keep is not None:
+        per_token = per_token * keep
     if beta != 0.0:
         per_token = per_token + beta * kl
 
@@ -153,6 +237,10 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str =
     else:  # dapo, cispo, vespo
         denom = n_tokens if num_active_tokens is None else torch.as_tensor(num_active_tokens, dtype=logps.dtype)
         loss = (per_token * mask).sum() / denom.clamp(min=1.0)
+    policy_loss = loss.detach()
+    if entropy_coef != 0.0:  # not divided by the loss type's normaliser: one meaning for every type
+        loss = loss - entropy_coef * entropy_bonus(entropies, mask if keep is None else mask * keep,
+                                                   num_entropy_tokens)
 
     def token_mean(x):  # one value per sequence (GSPO, VESPO's φ): their mean
         if x.shape[1] == 1:
@@ -166,10 +254,19 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str =
         high = (ratio > 1 + epsilon_high) & (A > 0)
         metrics = {"clip_ratio/low_mean": token_mean(low), "clip_ratio/high_mean": token_mean(high),
                    "clip_ratio/region_mean": token_mean(low | high)}
+        # extremes over sequences of each sequence's clipped fraction (no clamp: an empty row is NaN, skipped)
+        seq = (lambda x: x.to(mask.dtype).squeeze(1)) if ratio.shape[1] == 1 else \
+            (lambda x: (x.to(mask.dtype) * mask).sum(1) / mask.sum(1))
+        metrics["clip_ratio/low_min"] = _nan_extreme(seq(low), torch.min)
+        metrics["clip_ratio/high_max"] = _nan_extreme(seq(high), torch.max)
     elif loss_type == "cispo":
         metrics["cispo_clip_ratio"] = token_mean((ratio > epsilon_high) & (A > 0))
     elif loss_type == "vespo":
         metrics["vespo/phi_seq_mean"] = token_mean(phi)
     if beta != 0.0:
         metrics["kl"] = token_mean(kl.detach())
+    if entropies is not None:
+        metrics["entropy"] = token_mean(entropies.detach())
+    if entropy_coef != 0.0:
+        metrics["policy_loss"] = policy_loss.item()
     return loss, metrics

@@ -105,9 +105,13 @@ class Rollout:
 
 
 def rollout(model, tokenizer, prompts, G: int, *, seed: int, step: int, first_index: int = 0,
-            max_new_tokens: int = 6, temperature: float = 1.0, checker=exact) -> Rollout:
+            max_new_tokens: int = 6, temperature: float = 1.0, checker=exact,
+            mask_truncated: bool = False) -> Rollout:
     """G samples for each prompt; prompt k's generator is `sample_seed(seed, step, first_index + k)`
-    (`first_index` = the global index of prompts[0]). Rewards are 1.0 where `checker` accepts."""
+    (`first_index` = the global index of prompts[0]). Rewards are 1.0 where `checker` accepts.
+    `mask_truncated` (DAPO's overlong filtering, Yu et al. 2025; TRL's mask_truncated_completions): a
+    completion cut at `max_new_tokens` gets an all-zero mask, so it adds no token to the loss; as TRL,
+    a completion is cut when its last token is neither EOS nor padding."""
     lengths = {len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts}
     if len(lengths) != 1:  # the task's prompts are all "ab+c=": one length, no padding inside a batch
         raise ValueError(f"prompts of token lengths {sorted(lengths)}: rollout needs one length")
@@ -124,6 +128,9 @@ def rollout(model, tokenizer, prompts, G: int, *, seed: int, step: int, first_in
     pad = tokenizer.pad_token_id
     cids = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad) for _, c, _ in rows])
     cmask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1]), value=0) for _, _, m in rows])
+    if mask_truncated:
+        last = cids.gather(1, (cmask.sum(1, keepdim=True) - 1).clamp(min=0))
+        cmask = cmask * ((last == tokenizer.eos_token_id) | (last == pad)).long()
     texts = tokenizer.batch_decode(cids, skip_special_tokens=True)
     all_prompts = [p for p in prompts for _ in range(G)]
     rewards = torch.tensor([float(checker(p, t)) for p, t in zip(all_prompts, texts)])

@@ -16,6 +16,7 @@ import torch
 _TRAINERS = {}
 LOSS_PARAMS = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
                "vespo_lambda_neg")  # GRPOConfig fields _compute_loss reads from self.args
+ENTROPY_PARAMS = ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target")
 
 
 class GivenLogps(torch.nn.Module):
@@ -70,10 +71,14 @@ def trainer(num_generations: int = 2, batch_size: int = 4, scale_rewards: str = 
 def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo", epsilon_low=0.2,
              epsilon_high=None, beta=0.0, max_completion_length=None, kl_ratio_correction=False,
              importance_sampling_level="token", delta=None, entropies=None, prompt_len=3,
-             off_policy_mask_threshold=None, **loss_params):
+             off_policy_mask_threshold=None, top_entropy_quantile=1.0, entropy_coef=0.0, adaptive_entropy=None,
+             **loss_params):
     """TRL 1.16's `GRPOTrainer._compute_loss` on these per-token tensors (B, C): (loss, logged metrics).
     Backward through the loss reaches `logps`. `loss_params`: GRPOConfig's sapo_* / vespo_* fields
-    (any left out take GRPOConfig's defaults, so one cached trainer serves every call)."""
+    (any left out take GRPOConfig's defaults, so one cached trainer serves every call).
+    `adaptive_entropy`: None (static `entropy_coef`), a dict of GRPOConfig's entropy_coef_min / _max /
+    _delta / entropy_target to start a controller at `entropy_coef`, or "continue" to take one more
+    optimizer step with the controller state TRL kept from the previous call."""
     from trl import GRPOConfig
     t = trainer()
     b, c = mask.shape
@@ -87,6 +92,19 @@ def trl_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type="dapo",
     t.off_policy_mask_threshold = off_policy_mask_threshold
     for name in LOSS_PARAMS:
         setattr(t.args, name, loss_params.pop(name, GRPOConfig.__dataclass_fields__[name].default))
+    t.top_entropy_quantile = top_entropy_quantile
+    if adaptive_entropy != "continue":  # a fresh controller (or none): TRL's __init__ state
+        t.use_adaptive_entropy = adaptive_entropy is not None
+        t.entropy_coef = entropy_coef
+        t._entropy_bonus_enabled = entropy_coef != 0.0 or t.use_adaptive_entropy
+        t._last_world_entropy, t._entropy_window_stats = float("inf"), None
+        params = dict(adaptive_entropy or {})
+        if set(params) - set(ENTROPY_PARAMS):
+            raise TypeError(f"trl_loss: adaptive_entropy options {sorted(set(params) - set(ENTROPY_PARAMS))}; "
+                            f"expected some of {ENTROPY_PARAMS}")
+        for name in ENTROPY_PARAMS:  # left out: GRPOConfig's default, whatever an earlier call set
+            setattr(t.args, name, params.get(name, GRPOConfig.__dataclass_fields__[name].default))
+    t.accelerator.gradient_state._set_sync_gradients(True)  # every call is one whole optimizer step
     if loss_params:
         raise TypeError(f"trl_loss: unknown options {sorted(loss_params)}; GRPOConfig loss fields are {LOSS_PARAMS}")
     ents = torch.zeros(b, c) if entropies is None else entropies
@@ -118,7 +136,27 @@ def trl_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> torch
     return out["advantages"]
 
 
-_GIVEN = {}  # the rewards trl_advantages hands to TRL; module-level so the cached trainer keeps working
+_GIVEN = {}  # the rewards / completions handed to TRL; module-level so the cached trainers keep working
+
+
+def trl_truncation_mask(completion_ids: list[list[int]], G: int) -> torch.Tensor:
+    """TRL's completion_mask (rows, max length) with mask_truncated_completions=True for these
+    completions (each unpadded: up to and with its EOS, or cut), through `_generate_and_score_completions`."""
+    n = len(completion_ids)
+    t = trainer(num_generations=G, batch_size=n, rollout_func=_given_completions, reward_func=_given_reward)
+    t.mask_truncated_completions = True
+    _GIVEN["rewards"], _GIVEN["completions"] = [0.0] * n, completion_ids
+    t.model.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        out = t._generate_and_score_completions([{"prompt": f"{i // G}+1="} for i in range(n)])
+    return out["completion_mask"]
+
+
+def _given_completions(prompts, trainer_):
+    n = len(prompts)
+    return {"prompt_ids": [[1, 2]] * n, "completion_ids": _GIVEN["completions"],
+            "logprobs": [[0.0] * len(c) for c in _GIVEN["completions"]], "index": list(range(n))}
 
 
 def _given_rollout(prompts, trainer_):  # any ids: only the rewards matter to the advantages
