@@ -105,3 +105,21 @@ def test_mine_pairs():
     with pytest.raises(ValueError, match="G=4"):
         compare.mine_pairs(prompts, comps, 4, exact)
     assert task.is_correct("20+1=", "21")
+
+
+def test_sft_compute_counts_what_train_sft_feeds_the_model():
+    # the reference is the training loop itself: a forward pre-hook counts the real tokens of every
+    # batch train_sft puts through the model (each goes forward and backward: loss.backward() per step)
+    from dpo_lab.models import train_sft
+    tok = build_tokenizer()
+    # rows of unequal lengths (2 to 4 tokens longer than the shortest), so that which rows are drawn matters
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in [(1, 2), (5, 7), (37, 5), (63, 48), (9, 90)]]
+    model = build_tiny_model(seed=0)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"].sum().item()), with_kwargs=True)
+    train_sft(model, tok, rows, steps=6, batch_size=4, lr=1e-3, warmup=1, seed=3, progress=False)
+    want = sum(seen)
+    c = compare.sft_compute(rows, tok, steps=6, batch_size=4, seed=3)
+    assert (c.forward, c.backward, c.total) == (want, want, 3 * want)
+    # a different seed draws other rows: the count follows the draws, not only their number
+    assert compare.sft_compute(rows, tok, steps=6, batch_size=4, seed=4).forward != want

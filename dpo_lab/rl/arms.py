@@ -68,6 +68,15 @@ def sft_model():
     return AutoModelForCausalLM.from_pretrained(sft_model_dir(progress=False)).eval(), build_tokenizer()
 
 
+def sft_base_compute(tok) -> compare.Compute:
+    """What training the SFT model cost (`models.SFT_DEFAULTS` on the task's sft.jsonl): the base every
+    arm starts from, so it is shared by all of them, not part of any arm's budget."""
+    from dpo_lab import task
+    from dpo_lab.models import SFT_DEFAULTS
+    s = SFT_DEFAULTS
+    return compare.sft_compute(task.read_jsonl(task.TASK_DIR / "sft.jsonl"), tok, s["steps"], s["batch_size"], s["seed"])
+
+
 def zero_spread_share(rewards: torch.Tensor, G_max: int, Gs) -> dict:
     """Share of groups whose G rewards are all equal (zero advantage: no gradient), for each G in
     `Gs`, from one rollout of G_max samples per prompt (the first G of each group)."""
