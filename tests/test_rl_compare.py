@@ -123,3 +123,27 @@ def test_sft_compute_counts_what_train_sft_feeds_the_model():
     assert (c.forward, c.backward, c.total) == (want, want, 3 * want)
     # a different seed draws other rows: the count follows the draws, not only their number
     assert compare.sft_compute(rows, tok, steps=6, batch_size=4, seed=4).forward != want
+
+
+def test_dpo_lr_sweep_scores_on_the_validation_split_only(monkeypatch):
+    from dpo_lab.rl import arms
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i)} for i in range(40)]
+    fit_seen, scored = [], []
+
+    def fake_arm(r, steps, seed, tok, lr, **kw):
+        fit_seen.append([x["prompt"] for x in r])
+        return lr, None, None  # the "model" is its lr
+
+    def fake_success(model, tok, r):
+        scored.append([x["prompt"] for x in r])
+        return {1e-4: 0.5, 1e-3: 0.9, 1e-2: 0.9}[model]  # a tie: the smaller lr wins
+
+    monkeypatch.setattr(arms, "dpo_arm", fake_arm)
+    monkeypatch.setattr(arms, "task_success", fake_success)
+    monkeypatch.setattr(arms, "dpo_steps_for", lambda budget, r, bs, tok: 7)
+    out = arms.dpo_lr_sweep(rows, [1e-2, 1e-4, 1e-3], 1.0, 0, None, every=8)
+    assert out["best_lr"] == 1e-3 and out["steps"] == 7 and out["val_problems"] == 5
+    val = [r["prompt"] for r in rows[::8]]
+    assert all(s == val for s in scored) and len(scored) == 3
+    # trained on the rest only: no validation problem is ever trained on
+    assert all(set(f).isdisjoint(val) and len(f) == 35 for f in fit_seen)
