@@ -105,3 +105,45 @@ def test_mine_pairs():
     with pytest.raises(ValueError, match="G=4"):
         compare.mine_pairs(prompts, comps, 4, exact)
     assert task.is_correct("20+1=", "21")
+
+
+def test_sft_compute_counts_what_train_sft_feeds_the_model():
+    # the reference is the training loop itself: a forward pre-hook counts the real tokens of every
+    # batch train_sft puts through the model (each goes forward and backward: loss.backward() per step)
+    from dpo_lab.models import train_sft
+    tok = build_tokenizer()
+    # rows of unequal lengths (2 to 4 tokens longer than the shortest), so that which rows are drawn matters
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in [(1, 2), (5, 7), (37, 5), (63, 48), (9, 90)]]
+    model = build_tiny_model(seed=0)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"].sum().item()), with_kwargs=True)
+    train_sft(model, tok, rows, steps=6, batch_size=4, lr=1e-3, warmup=1, seed=3, progress=False)
+    want = sum(seen)
+    c = compare.sft_compute(rows, tok, steps=6, batch_size=4, seed=3)
+    assert (c.forward, c.backward, c.total) == (want, want, 3 * want)
+    # a different seed draws other rows: the count follows the draws, not only their number
+    assert compare.sft_compute(rows, tok, steps=6, batch_size=4, seed=4).forward != want
+
+
+def test_dpo_lr_sweep_scores_on_the_validation_split_only(monkeypatch):
+    from dpo_lab.rl import arms
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i)} for i in range(40)]
+    fit_seen, scored = [], []
+
+    def fake_arm(r, steps, seed, tok, lr, **kw):
+        fit_seen.append([x["prompt"] for x in r])
+        return lr, None, None  # the "model" is its lr
+
+    def fake_success(model, tok, r):
+        scored.append([x["prompt"] for x in r])
+        return {1e-4: 0.5, 1e-3: 0.9, 1e-2: 0.9}[model]  # a tie: the smaller lr wins
+
+    monkeypatch.setattr(arms, "dpo_arm", fake_arm)
+    monkeypatch.setattr(arms, "task_success", fake_success)
+    monkeypatch.setattr(arms, "dpo_steps_for", lambda budget, r, bs, tok: 7)
+    out = arms.dpo_lr_sweep(rows, [1e-2, 1e-4, 1e-3], 1.0, 0, None, every=8)
+    assert out["best_lr"] == 1e-3 and out["steps"] == 7 and out["val_problems"] == 5
+    val = [r["prompt"] for r in rows[::8]]
+    assert all(s == val for s in scored) and len(scored) == 3
+    # trained on the rest only: no validation problem is ever trained on
+    assert all(set(f).isdisjoint(val) and len(f) == 35 for f in fit_seen)

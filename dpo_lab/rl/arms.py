@@ -46,6 +46,23 @@ def dpo_arm(rows, steps: int, seed: int, tok, lr: float = 2e-3, batch_size: int 
     return model, history, cost
 
 
+def validation_split(rows, every: int = 8):
+    """(fit, val): every `every`-th training problem is held back for tuning (each problem is one row,
+    no prompt repeats), so that no choice is made on the held-out test problems."""
+    return [r for i, r in enumerate(rows) if i % every], rows[::every]
+
+
+def dpo_lr_sweep(rows, lrs, budget: float, seed: int, tok, every: int = 8, batch_size: int = 16, beta: float = 0.1) -> dict:
+    """DPO's learning rate chosen on a validation split of the training problems: one run per lr at
+    the steps `budget` buys on the rest, scored by greedy success on the split; ties go to the smaller
+    lr. Returns {"best_lr", "val_success": {lr: success}, "steps", "val_problems"}."""
+    fit, val = validation_split(rows, every)
+    steps = dpo_steps_for(budget, fit, batch_size, tok)
+    scores = {lr: task_success(dpo_arm(fit, steps, seed, tok, lr=lr, batch_size=batch_size, beta=beta)[0], tok, val)
+              for lr in sorted(lrs)}
+    return {"best_lr": max(scores, key=scores.get), "val_success": scores, "steps": steps, "val_problems": len(val)}
+
+
 def mined_pairs(model, tok, rows, G: int, seed: int, max_new_tokens: int = 6):
     """On-policy pairs: G samples of `model` per prompt of `rows`, paired by the exact checker;
     returns (pairs, sampling compute)."""
@@ -66,6 +83,15 @@ def grpo_model(state: dict):
 def sft_model():
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(sft_model_dir(progress=False)).eval(), build_tokenizer()
+
+
+def sft_base_compute(tok) -> compare.Compute:
+    """What training the SFT model cost (`models.SFT_DEFAULTS` on the task's sft.jsonl): the base every
+    arm starts from, so it is shared by all of them, not part of any arm's budget."""
+    from dpo_lab import task
+    from dpo_lab.models import SFT_DEFAULTS
+    s = SFT_DEFAULTS
+    return compare.sft_compute(task.read_jsonl(task.TASK_DIR / "sft.jsonl"), tok, s["steps"], s["batch_size"], s["seed"])
 
 
 def zero_spread_share(rewards: torch.Tensor, G_max: int, Gs) -> dict:

@@ -8,6 +8,8 @@ position, not the whole prefix). Padding is not counted (the tiny task pads by a
 import math
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class Compute:
@@ -46,6 +48,18 @@ def dpo_compute(rows_per_step: list[list[dict]], tokenizer) -> Compute:
                   for r in rows for k in ("chosen", "rejected"))
         c = c + Compute(2 * tok, tok)
     return c
+
+
+def sft_compute(rows, tokenizer, steps: int, batch_size: int, seed: int) -> Compute:
+    """`models.train_sft`'s run with uniform draws (the SFT model every arm starts from): each step
+    draws `batch_size` rows with the seeded generator it uses, and every token of prompt + completion
+    + EOS goes forward and backward (the loss skips the prompt, the backward pass does not)."""
+    lengths = [sum(len(tokenizer(r[k], add_special_tokens=False)["input_ids"]) for k in ("prompt", "completion")) + 1
+               for r in rows]
+    gen = torch.Generator().manual_seed(seed)
+    tok = sum(sum(lengths[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist())
+              for _ in range(steps))
+    return Compute(float(tok), float(tok))
 
 
 def sampling_compute(n_samples: int, prompt_tokens: int, completion_tokens: float) -> Compute:
