@@ -215,7 +215,8 @@ def main(argv=None) -> int:
                      help="3 = FSDP, as our trainer (default)")
     mem.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     mem.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    mem.add_argument("--finetune", choices=("lora", "full"), default="lora")
+    mem.add_argument("--finetune", choices=("lora", "full"), default=None,
+                     help="default: from the config (train.finetune)")
     mem.add_argument("--reference", choices=("adapters_off", "separate", "cached"), default=None,
                      help="default: from the config (cached with dpo.precompute_ref/ref_cache)")
     mem.add_argument("--json", action="store_true", help="print the breakdown as JSON")

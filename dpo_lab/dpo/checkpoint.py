@@ -6,8 +6,8 @@ Layout of <run>/checkpoints/:
     step_00000030.partial/   being written; never read
 A checkpoint is written into `<name>.partial` and renamed only after every rank has finished
 writing and rank 0 wrote `trainer_state.json`, so a crash while saving leaves the previous
-checkpoint as the latest complete one. Only trainable parameters (the adapters) are saved: the
-4-bit base is reloaded from the model files.
+checkpoint as the latest complete one. Only trainable parameters (the adapters; with full
+fine-tuning every parameter) are saved: a frozen 4-bit base is reloaded from the model files.
 
 `save(..., asynchronous=True)` uses DCP's `async_save`: the state is copied into CPU memory (the
 snapshot) before it returns, the shards are written by a background thread, and the returned
@@ -172,6 +172,23 @@ def save_adapter(model, out_dir) -> Path:
         model.peft_config["default"].save_pretrained(str(tmp))
         save_file({k: v.contiguous() for k, v in own.items()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    _barrier()
+    return out_dir
+
+
+def save_model(model, out_dir) -> Path:
+    """Collective: gather the fully fine-tuned model on rank 0 and write it in transformers' format
+    (config.json + model.safetensors), loadable by AutoModelForCausalLM.from_pretrained."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    out_dir = Path(out_dir)
+    if _rank() == 0:
+        tmp = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp), state_dict=full)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -140,6 +140,11 @@ class OptimConfig:
     grad_accum: Count = 1
     max_grad_norm: Positive = 1.0
     seed: Annotated[int, Strict(), Field(ge=0)] = 0
+    # lora: a frozen base (4-bit with quant.load_in_4bit) + LoRA adapters, the reference = adapters
+    # off. full: every parameter trainable in model.dtype (never 4-bit), AdamW over all of them; no
+    # adapters to switch off, so the reference log-probs come from the cache computed before step 1
+    # (dpo.ref_cache or dpo.precompute_ref) and the lora section is unused.
+    finetune: Literal["lora", "full"] = "lora"
 
 
 @dataclass(config=SECTION)
@@ -199,7 +204,8 @@ class TrainConfig:
 # TRL / transformers names people type out of habit -> ours.
 ALIASES = {"learning_rate": "lr", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
            "per_device_train_batch_size": "micro_batch", "gradient_accumulation_steps": "grad_accum",
-           "num_train_epochs": "epochs", "warmup_steps": "warmup_ratio", "lr_scheduler_type": "schedule"}
+           "num_train_epochs": "epochs", "warmup_steps": "warmup_ratio", "lr_scheduler_type": "schedule",
+           "finetuning_type": "finetune"}  # LLaMA-Factory's name
 
 
 def _unknown(key, value, valid, where):
@@ -314,6 +320,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks across keys (each key's own type and range were checked when it was built)."""
     from dpo_lab.data import local_path
     q = cfg.quant
+    if cfg.train.finetune == "full":
+        # 4-bit weights cannot be trained (bitsandbytes' Params4bit has no gradient); loading them
+        # unquantised behind the user's back would hide a 4x larger model, so say it.
+        if q.load_in_4bit:
+            raise ConfigError("quant.load_in_4bit: must be false with train.finetune=full (4-bit weights "
+                              "are frozen; full fine-tuning trains them in model.dtype) (got True)")
+        # the reference is the initial model: without adapters to switch off, it exists only as
+        # log-probs computed before the first update
+        if not (cfg.dpo.ref_cache or cfg.dpo.precompute_ref):
+            raise ConfigError("dpo.ref_cache: train.finetune=full needs the reference log-probs computed "
+                              "before step 1: set dpo.ref_cache=true or dpo.precompute_ref=true (got False)")
     if q.storage_dtype == "uint8" and q.load_in_4bit:
         raise ConfigError("quant.storage_dtype: uint8 cannot be sharded by FSDP (it shards floating "
                           "tensors only) (got 'uint8')")

@@ -81,29 +81,50 @@ def evaluate_run(cfg, adapter_dir, rows, max_new_tokens: int = 8) -> dict:
 
 # --- inside the ranks, on the sharded model ---------------------------------------------------
 
-@torch.no_grad()
-def evaluate_preferences(model, rows, cfg, device) -> dict:
-    """Held-out preference accuracy (implicit reward ranks chosen above rejected; a tie counts
-    half, so the reference itself scores 0.5) and likelihood accuracy of policy and reference
-    (log πθ(chosen) > log πθ(rejected)). Collective: rows are split over ranks."""
+def _eval_batches(model, rows, cfg, device):
+    """This rank's held-out batches in the trainer's layout: (batch, real rows, chunk size).
+    Every rank yields the same number of batches (FSDP collectives)."""
     rank, ws = dist.get_rank(), dist.get_world_size()
     per_rank = math.ceil(len(rows) / ws)
     mine = rows[rank * per_rank:(rank + 1) * per_rank]
-    n_batches = math.ceil(per_rank / cfg.eval.batch)
     pad_id = cfg_pad_id(model)
     # the trainer's layout and head path: eval batches are the largest, full logits would peak here
     chunk_size = cfg.dpo.logps_chunk_size if cfg.dpo.chunked_logps else None
-    sums = torch.zeros(6, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    for b in range(n_batches):  # every rank runs the same number of forwards (FSDP collectives)
+    for b in range(math.ceil(per_rank / cfg.eval.batch)):
         chunk = mine[b * cfg.eval.batch:(b + 1) * cfg.eval.batch]
         real = len(chunk)
         chunk = chunk or rows[:1]  # a rank without rows still joins the collectives
-        batch = to_device(layout(chunk, pad_id, cfg.data), device)
+        yield to_device(layout(chunk, pad_id, cfg.data), device), real, chunk_size
+
+
+@torch.no_grad()
+def reference_scores(model, rows, cfg, device) -> list:
+    """Collective: the held-out (chosen, rejected) log-probs of `model` as it is now, per batch of
+    `evaluate_preferences`: full fine-tuning's reference, scored before the first update."""
+    was_training = model.training
+    model.eval()
+    out = [tuple(t.cpu() for t in sequence_terms(model, batch, chunk)[:2])
+           for batch, _, chunk in _eval_batches(model, rows, cfg, device)]
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def evaluate_preferences(model, rows, cfg, device, reference=None) -> dict:
+    """Held-out preference accuracy (implicit reward ranks chosen above rejected; a tie counts
+    half, so the reference itself scores 0.5) and likelihood accuracy of policy and reference
+    (log πθ(chosen) > log πθ(rejected)). The reference: the model with its adapters off, or
+    `reference` (reference_scores' list, full fine-tuning). Collective: rows are split over ranks."""
+    sums = torch.zeros(6, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for b, (batch, real, chunk_size) in enumerate(_eval_batches(model, rows, cfg, device)):
         pc, pr = sequence_terms(model, batch, chunk_size)[:2]
-        with model.disable_adapter():
-            rc, rr = sequence_terms(model, batch, chunk_size)[:2]
+        if reference is not None:
+            rc, rr = (t.to(pc.device) for t in reference[b])
+        else:
+            with model.disable_adapter():
+                rc, rr = sequence_terms(model, batch, chunk_size)[:2]
         margin = ((pc - rc) - (pr - rr))[:real].double().cpu()
         sums += torch.stack([(margin > 0).double().sum() + 0.5 * (margin == 0).double().sum(),
                              (pc > pr)[:real].double().sum().cpu(), (rc > rr)[:real].double().sum().cpu(),

@@ -189,9 +189,15 @@ def completion_token_logps(model, batch: dict, chunk_size: int | None = CHUNK_SI
 def _whole(param):
     """The head's parameter as one tensor. A root sharded with an explicit
     `reshard_after_forward=True` (as `qlora.shard` does) is sharded again once its forward returns,
-    so the weight is a DTensor here: gather it (differentiably: its gradient is reduce-scattered
-    back to the shards), as FSDP's own pre-forward did."""
-    return param.full_tensor() if hasattr(param, "full_tensor") else param
+    so the weight is a DTensor here: gather it, as FSDP's own pre-forward did. A trainable head
+    (full fine-tuning) needs its gradient averaged over ranks, as FSDP does for the rest: the
+    gathered tensor's gradient is each rank's own (Partial "avg"), reduce-scattered to the shards
+    (plain `full_tensor()` would keep each rank's local gradient on its shard, unreduced)."""
+    if not hasattr(param, "full_tensor"):
+        return param
+    from torch.distributed.tensor import Partial, Replicate
+    return param.redistribute(placements=[Replicate()] * param.device_mesh.ndim).to_local(
+        grad_placements=[Partial("avg")] * param.device_mesh.ndim)
 
 
 def sequence_terms(model, batch: dict, chunk_size: int | None = CHUNK_SIZE, ld_alpha: float | None = None):

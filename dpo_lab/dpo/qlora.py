@@ -6,6 +6,8 @@ The recipe, and why each step is there (QLoRA, Dettmers et al. 2023; Answer.AI's
 2. Add LoRA with PEFT and keep the adapters in a fixed dtype (bf16 as in QLoRA).
 3. `fully_shard` each decoder layer, then the root; nothing may cast the storage dtype.
 The reference policy is the same module with the adapters disabled (`model.disable_adapter()`).
+Full fine-tuning (train.finetune=full, `full_finetune`) skips 1-2: an unquantised model, every
+parameter trainable, sharded the same way.
 """
 import torch
 import torch.nn as nn
@@ -86,17 +88,35 @@ def load_quantized(model_cfg, quant_cfg, device: torch.device | None = None):
     return model, tok
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing per decoder layer, the reentrant variant: bitsandbytes + LoRA need
+    it (the other one blows memory up), and full fine-tuning uses the same so both recompute alike."""
+    # transformers 5 renamed gradient_checkpointing_enable (the old name warns); 4.x has only it.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()  # reentrant checkpointing passes no gradient otherwise
+
+
+def full_finetune(model, gradient_checkpointing: bool = False):
+    """Every parameter trainable in the dtype it was loaded in (model.dtype); refuses a 4-bit model."""
+    quantised = [n for n, p in model.named_parameters() if hasattr(p, "quant_state")]
+    if quantised:
+        raise ValueError(f"full fine-tuning cannot train 4-bit weights ({quantised[0]} and "
+                         f"{len(quantised) - 1} more); load the model with quant.load_in_4bit=false")
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 def add_lora(model, lora_cfg, gradient_checkpointing: bool = False, seed: int = 0):
     """Wrap with PEFT LoRA; adapters get `lora_cfg.dtype`, everything else stays frozen."""
     from peft import LoraConfig, get_peft_model
     if gradient_checkpointing:
-        # bitsandbytes + LoRA need the reentrant variant (the other one blows memory up).
-        # transformers 5 renamed gradient_checkpointing_enable (the old name warns); 4.x has only it.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     peft_cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                           target_modules=list(lora_cfg.target_modules), bias="none",
                           task_type="CAUSAL_LM")

@@ -1,4 +1,5 @@
-"""DPO with a 4-bit base sharded by FSDP2 and LoRA adapters on top: one loop, 1 to N ranks.
+"""DPO with a 4-bit base sharded by FSDP2 and LoRA adapters on top (or, with train.finetune=full,
+every parameter of the unquantised model trained): one loop, 1 to N ranks.
 
     dpo-lab train dpo --config configs/dpo/tiny_cpu.yaml --nproc 2 train.max_steps=20
     torchrun --nproc-per-node 8 -m dpo_lab.dpo.trainer --config configs/dpo/llama3_8b_8gpu.yaml
@@ -8,6 +9,9 @@ rejected through ONE forward (policy), gets the reference log-probs from the sam
 adapters disabled (by default from the reference cache: dpo_lab/dpo/ref_cache.py, computed
 once per micro-batch before step 1 and kept on disk), and backpropagates the DPO loss divided by the
 global batch so that FSDP's gradient averaging over ranks yields the global mean.
+Full fine-tuning has no adapters to switch off: its reference is the model before the first update,
+so the reference log-probs (training micro-batches and held-out rows) are computed then, before a
+resumed run loads its checkpoint's weights; the config refuses it without dpo.ref_cache/precompute_ref.
 By default a micro-batch is packed rows without padding (data.packing, dpo_lab.dpo.packing) and only
 the completion positions' hidden states reach the LM head, in chunks (dpo.chunked_logps,
 dpo_lab.dpo.logprobs); padded rows with full fp32 logits remain as the reference path.
@@ -27,7 +31,7 @@ import torch.distributed as dist
 from dpo_lab.dpo import checkpoint as ckpt
 from dpo_lab.dpo.batching import BatchPlan, EncodedRows, encode_rows, layout, real_tokens, to_device
 from dpo_lab.dpo.config import ConfigError, TrainConfig, from_dict, load_config
-from dpo_lab.dpo.evaluate import evaluate_preferences
+from dpo_lab.dpo.evaluate import evaluate_preferences, reference_scores
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected")
@@ -54,12 +58,23 @@ def total_steps(cfg: TrainConfig, plan: BatchPlan) -> int:
 
 
 def build_policy(cfg: TrainConfig, device):
-    """4-bit base + LoRA, sharded over all ranks (a mesh of 1 at world size 1)."""
+    """4-bit base + LoRA (or, train.finetune=full, the whole unquantised model trainable), sharded
+    over all ranks (a mesh of 1 at world size 1)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dpo_lab.dpo.qlora import add_lora, load_quantized, shard
+    from dpo_lab.dpo.qlora import add_lora, full_finetune, load_quantized, shard
     model, tok = load_quantized(cfg.model, cfg.quant, device)
-    model = add_lora(model, cfg.lora, cfg.model.gradient_checkpointing, seed=cfg.train.seed)
+    if cfg.train.finetune == "full":
+        model = full_finetune(model, cfg.model.gradient_checkpointing)
+    else:
+        model = add_lora(model, cfg.lora, cfg.model.gradient_checkpointing, seed=cfg.train.seed)
+    import warnings
+    # When the embedding's output requires grad (full fine-tuning; checkpointing's
+    # enable_input_require_grads) the root's outputs include it as hidden_states[0], a view:
+    # FSDP warns against in-place ops on it. We only read hidden_states[-1]
+    # (logprobs._last_hidden_state), so the warning does not apply.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor",
+                            category=UserWarning)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     return shard(model, mesh, cfg.fsdp), tok
 
@@ -104,6 +119,10 @@ def dpo_step_terms(model, batch, cfg: TrainConfig, ref=None):
     from dpo_lab.dpo.loss import dpo_loss
     d = cfg.dpo
     batch = logps_path(batch, cfg)
+    if ref is None and not hasattr(model, "disable_adapter"):
+        # full fine-tuning: the model now is not the reference (it has been updated)
+        raise ValueError("dpo_step_terms: a model without LoRA adapters needs `ref`, the reference "
+                         "log-probs computed before training (dpo.ref_cache / dpo.precompute_ref)")
     pc, pr, logit_sums, plain_chosen = policy_forward(model, batch, d.ld_alpha)
     if ref is None:
         ref = reference_logps(model, batch, d.ld_alpha)
@@ -123,9 +142,12 @@ REFERENCE_FORWARDS = 0  # calls of reference_logps in this process; a run report
 @torch.no_grad()
 def reference_logps(model, batch, ld_alpha=None):
     """The reference policy = the same weights with the LoRA adapters switched off, scored as the
-    policy is (same layout and head path; LD-DPO sums with `ld_alpha`)."""
+    policy is (same layout and head path; LD-DPO sums with `ld_alpha`). A model without adapters
+    (full fine-tuning) is scored as it is: the reference only before its first update."""
     global REFERENCE_FORWARDS
     REFERENCE_FORWARDS += 1
+    if not hasattr(model, "disable_adapter"):
+        return policy_forward(model, batch, ld_alpha)[:2]
     with model.disable_adapter():
         return policy_forward(model, batch, ld_alpha)[:2]
 
@@ -236,6 +258,7 @@ def train_rank(cfg_dict: dict) -> dict:
 
     lap("data")
     model, _ = build_policy(cfg, device)
+    full = cfg.train.finetune == "full"
     memory = memory_report(model)
     load_bytes = memory_now_bytes(device)  # the bench's baseline: libraries + loaded model
     lap("load_and_shard")
@@ -262,30 +285,42 @@ def train_rank(cfg_dict: dict) -> dict:
     eval_before = None
     fingerprint = {k: cfg_dict[k] for k in ("model", "data", "quant", "lora", "dpo", "train")}
     if last is not None:
-        saved = json.loads((last / "trainer_state.json").read_text()).get("config", fingerprint)
+        saved = json.loads((last / "trainer_state.json").read_text())
         changed = [f"{sec}.{k}" for sec in fingerprint for k in fingerprint[sec]
-                   if saved.get(sec, {}).get(k) != fingerprint[sec][k]]
+                   if saved.get("config", fingerprint).get(sec, {}).get(k) != fingerprint[sec][k]]
         if changed:
             raise ConfigError(f"{last} was written with different settings ({', '.join(changed)}); "
                               f"use another output_dir or checkpoint.resume=false")
+        start = saved["step"]
+
+    end = min(steps, cfg.debug.stop_after or steps)
+    forwards_before = REFERENCE_FORWARDS
+    ref_of, ref_stats, held_ref = None, None, None
+
+    def references():  # then training runs no reference forward
+        nonlocal ref_of, ref_stats
+        if cfg.dpo.ref_cache or cfg.dpo.precompute_ref:
+            ref_of, ref_stats = reference_table(cfg, model, tok, train_rows, plan, range(start, end), device)
+        lap("ref_precompute")
+    if full:
+        # The model is the reference only while it holds its initial weights: score the reference
+        # before the first update and before a checkpoint's weights are loaded.
+        references()
+        held_ref = reference_scores(model, held_rows, cfg, device)
+    if last is not None:
         state = ckpt.load(last, model, opt)
         sched.load_state_dict(state["scheduler"])
-        start, history, eval_before = state["step"], state["history"], state.get("eval_before")
+        history, eval_before = state["history"], state.get("eval_before")
     lap("resume")
     if eval_before is None:
-        eval_before = evaluate_preferences(model, held_rows, cfg, device)
+        eval_before = evaluate_preferences(model, held_rows, cfg, device, held_ref)
     lap("eval")
+    if not full:
+        references()  # the adapters-off reference does not depend on the loaded adapters
 
     def micro_batches(step):
         return [(idx, to_device(micro_batch([train_rows[i] for i in idx], cfg, pad_id), device))
                 for idx in plan.micro_indices(step, rank)]
-
-    end = min(steps, cfg.debug.stop_after or steps)
-    forwards_before = REFERENCE_FORWARDS
-    ref_of, ref_stats = None, None
-    if cfg.dpo.ref_cache or cfg.dpo.precompute_ref:  # then training runs no reference forward
-        ref_of, ref_stats = reference_table(cfg, model, tok, train_rows, plan, range(start, end), device)
-    lap("ref_precompute")
 
     def reference(step, j):
         if ref_of is None:
@@ -339,7 +374,8 @@ def train_rank(cfg_dict: dict) -> dict:
                "seconds": time.perf_counter() - t0}
         tokens_run += rec["tokens"]
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < end:
-            rec.update({f"eval/{k}": v for k, v in evaluate_preferences(model, held_rows, cfg, device).items()})
+            rec.update({f"eval/{k}": v for k, v in evaluate_preferences(model, held_rows, cfg, device,
+                                                                         held_ref).items()})
         history.append(rec)
         if rank == 0:
             with open(log_file, "a") as f:
@@ -377,9 +413,11 @@ def train_rank(cfg_dict: dict) -> dict:
         bar.close()
     run_seconds = time.perf_counter() - t_run
     lap("train")
-    eval_after = evaluate_preferences(model, held_rows, cfg, device)
+    eval_after = evaluate_preferences(model, held_rows, cfg, device, held_ref)
     lap("eval")
-    adapter_dir = ckpt.save_adapter(model, out / "adapter")
+    # full fine-tuning: the whole model in transformers' format; LoRA: the PEFT adapter
+    adapter_dir = None if full else ckpt.save_adapter(model, out / "adapter")
+    model_dir = ckpt.save_model(model, out / "model") if full else None
     lap("save_adapter")
     ref_seconds = clock.get("ref_precompute", 0.0)
     result = {"rank": rank, "memory": memory, "peak_memory_bytes": peak_memory_bytes(device),
@@ -388,7 +426,8 @@ def train_rank(cfg_dict: dict) -> dict:
               "checkpoint_blocked_seconds": save_blocked}
     if rank == 0:
         result.update(history=history, eval_before=eval_before, eval_after=eval_after,
-                      adapter_dir=str(adapter_dir), steps=steps, start_step=start,
+                      adapter_dir=adapter_dir and str(adapter_dir), model_dir=model_dir and str(model_dir),
+                      steps=steps, start_step=start,
                       world_size=ws, global_batch=global_batch, run_seconds=run_seconds,
                       ref_precompute_seconds=ref_seconds, ref_cache=ref_stats,
                       # the reference precompute is part of the run's cost, so it counts here
@@ -508,7 +547,8 @@ def cli_main(argv=None) -> int:
     last = res["history"][-1]
     print(json.dumps({"final": {k: round(v, 5) for k, v in last.items()},
                       "eval_before": res["eval_before"], "eval_after": res["eval_after"],
-                      "adapter": res["adapter_dir"]}, indent=2))
+                      **({"adapter": res["adapter_dir"]} if res["adapter_dir"] else {"model": res["model_dir"]})},
+                     indent=2))
     return 0
 
 

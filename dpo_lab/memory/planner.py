@@ -13,9 +13,10 @@ The terms follow what our trainer (dpo_lab.dpo.trainer) holds during a step:
     reference      a separate frozen reference model (same bytes as the base); 0 for the
                    adapters-off trick (our trainer) and for a cached reference
     adapters, adapter_grads, optimizer
-                   LoRA (Hu et al. 2021): r·(in+out) per target matrix; torch's AdamW keeps m and v
-                   in the parameter's dtype; full fine-tuning: mixed-precision Adam, 16 bytes per
-                   parameter (ZeRO's k = 12), both via dpo_lab.parallel.cost.model_state_bytes
+                   LoRA (Hu et al. 2021): r·(in+out) per target matrix; full fine-tuning (our
+                   trainer's train.finetune=full): every parameter, in model.dtype, FSDP2 giving rank
+                   0 ceil(rows / ranks) of each; torch's AdamW keeps m and v in the parameter's dtype
+                   plus an fp32 step per tensor (cost.model_state_bytes)
     activations    what autograd keeps for the backward of chosen + rejected in ONE forward
                    (tokens = both), per layer of a Llama/Qwen2 block with LoRA (counted below);
                    with checkpointing, each layer's input plus one layer recomputed
@@ -111,19 +112,40 @@ def lora_params(shape: ModelShape, r: int, targets) -> int:
     return shape.layers * sum(cost.lora_matrix_params(*lin[t], r) for t in targets)
 
 
+def full_params_rank0(shape: ModelShape, shards: int) -> tuple[int, int]:
+    """(parameters held by rank 0, parameter tensors) of the whole model split `shards` ways:
+    FSDP2 shards every tensor on dim 0 and gives rank 0 ceil(rows / shards) rows (a Linear's
+    weight is (out, in)); tied embeddings count once."""
+    rows = lambda n: math.ceil(n / shards)
+    h, kv = shape.hidden, shape.kv_heads * shape.head_dim
+    layer = sum(rows(out) * inp for inp, out in shape.linear_shapes().values()) + 2 * rows(h)
+    tensors = len(shape.linear_shapes()) + 2
+    if shape.qkv_bias:
+        layer += rows(h) + 2 * rows(kv)
+        tensors += 3
+    n_embed = 1 if shape.tied_embeddings else 2
+    return (shape.layers * layer + n_embed * rows(shape.vocab) * h + rows(h),
+            shape.layers * tensors + n_embed + 1)
+
+
 def layer_activation_bytes(shape: ModelShape, tokens: int, compute_bytes: int, lora_r: int | None,
-                           targets=(), lora_bytes: int = 2, row_tokens: int | None = None) -> float:
+                           targets=(), lora_bytes: int = 2, row_tokens: int | None = None,
+                           trainable_base: bool = False) -> float:
     """Bytes one Llama/Qwen2 layer keeps for backward over `tokens` tokens (our trainer's layer,
     SDPA attention), counted from its autograd graph:
       compute dtype: both norms' inputs (2h) and rsqrt (2), q, k, v (k, v repeated to every head)
       and the attention output (4·heads·head_dim), gate, up and act(gate)·up (3i);
       the attention mask, one row of `row_tokens` per token (packed rows: a block-diagonal mask);
-      LoRA: each targeted linear casts its input to the adapters' dtype (in) and keeps A's output (r).
+      LoRA: each targeted linear casts its input to the adapters' dtype (in) and keeps A's output (r);
+      full fine-tuning (`trainable_base`): each norm's normalised input, for its weight's gradient,
+      and its output, the input of the linears after it, for theirs (2 norms x 2h).
     Korthikanti et al.'s sbh(34 + 5as/h) (cost.activation_bytes_per_layer) counts a GPT layer in 16
     bits with dropout; this is its counterpart for the layer we train."""
     h, i = shape.hidden, shape.intermediate
     per_token = compute_bytes * (2 * h + 2 + 4 * shape.heads * shape.head_dim + 3 * i)
     per_token += compute_bytes * (row_tokens or 0)
+    if trainable_base:
+        per_token += compute_bytes * 4 * h
     if lora_r:
         lin = shape.linear_shapes()
         per_token += lora_bytes * sum(lin[t][0] + lora_r for t in targets)
@@ -165,7 +187,7 @@ FINETUNES = ("lora", "full")
 
 
 def plan_dpo_memory(shape: ModelShape, cfg, nproc: int = 1, device_gib: float | None = None,
-                    zero_stage: int = 3, tp: int = 1, pp: int = 1, finetune: str = "lora",
+                    zero_stage: int = 3, tp: int = 1, pp: int = 1, finetune: str | None = None,
                     reference: str | None = None, tokens: int | None = None,
                     completion_tokens: int | None = None) -> Breakdown:
     """Peak bytes per rank of one DPO step of `cfg` (a TrainConfig) on `shape`.
@@ -173,8 +195,9 @@ def plan_dpo_memory(shape: ModelShape, cfg, nproc: int = 1, device_gib: float | 
     nproc ranks = dp · tp · pp; zero_stage 3 is our trainer's FSDP2 (0-2: ZeRO stages of the
     trainable state, parameters whole). `tokens` in one micro-batch (chosen + rejected; default
     2 · micro_batch · max_length, every sequence full) and `completion_tokens` (default half of
-    them) size activations and logits. reference: None follows cfg (cached when dpo.precompute_ref
-    or dpo.ref_cache, else the adapters-off trick)."""
+    them) size activations and logits. finetune: None follows cfg (train.finetune); reference: None
+    follows cfg (cached when dpo.precompute_ref or dpo.ref_cache, else the adapters-off trick)."""
+    finetune = finetune or cfg.train.finetune
     if finetune not in FINETUNES:
         raise ValueError(f"finetune must be one of {FINETUNES}, got {finetune!r}")
     if reference is None:
@@ -209,8 +232,8 @@ def plan_dpo_memory(shape: ModelShape, cfg, nproc: int = 1, device_gib: float | 
     # FSDP2 shards dim 0 and gives rank 0 ceil(rows / ranks): count rank 0's embedding rows
     embed_rows = math.ceil(shape.vocab / split / shard) * (1 if shape.tied_embeddings else 2)
     other = (embed_rows * shape.hidden + (norms + biases) / split / shard) * DTYPE_BYTES[m.dtype] + rope
-    if finetune == "full":  # the trainable model's parameters are in model_state below
-        terms["base_weights"] = 0.0
+    if finetune == "full":  # the trainable parameters are in `adapters` below; the rope buffers stay
+        terms["base_weights"] = float(rope)
         base = linear + other
     else:
         terms["base_weights"] = linear + other
@@ -226,9 +249,12 @@ def plan_dpo_memory(shape: ModelShape, cfg, nproc: int = 1, device_gib: float | 
         terms["adapters"], terms["adapter_grads"] = st["params"], st["grads"]
         terms["optimizer"] = st["optimizer"] + 4 * n_tensors  # + AdamW's fp32 step per tensor
     else:
-        psi = shape.layers * n_lin + embed + norms + biases
-        st = cost.model_state_bytes(psi / split, zero_stage, dp, **cost.MIXED_PRECISION)
-        terms["adapters"], terms["adapter_grads"], terms["optimizer"] = st["params"], st["grads"], st["optimizer"]
+        # ZeRO stage k shards the optimizer state (k >= 1), the gradients (>= 2), the parameters (3)
+        whole, n_tensors = full_params_rank0(shape, split)
+        part = full_params_rank0(shape, split * dp)[0]
+        held = lambda stage: part if zero_stage >= stage else whole
+        terms["adapters"], terms["adapter_grads"] = wb * held(3), wb * held(2)
+        terms["optimizer"] = 2 * wb * held(1) + 4 * n_tensors  # AdamW's m, v + fp32 step per tensor
     # ---- activations of one micro-batch (chosen + rejected in one forward)
     seqs = 2 * cfg.train.micro_batch
     tokens = tokens if tokens is not None else seqs * cfg.data.max_length
@@ -239,7 +265,7 @@ def plan_dpo_memory(shape: ModelShape, cfg, nproc: int = 1, device_gib: float | 
            else math.ceil(tokens / seqs))
     targets = cfg.lora.target_modules if finetune == "lora" else ()
     layer = layer_activation_bytes(shape, tokens, cb, cfg.lora.r if finetune == "lora" else None,
-                                   targets, DTYPE_BYTES[cfg.lora.dtype], row) / tp
+                                   targets, DTYPE_BYTES[cfg.lora.dtype], row, finetune == "full") / tp
     layers_here = math.ceil(shape.layers / pp)
     rope_acts = 2 * shape.head_dim * cb * tokens  # cos and sin, shared by the layers
     if m.gradient_checkpointing:  # each layer's input kept; one layer recomputed in backward
@@ -307,7 +333,7 @@ def _measure_rank(cfg_dict: dict) -> dict:
     from dpo_lab.dpo.batching import BatchPlan, EncodedRows, to_device
     from dpo_lab.dpo.config import from_dict
     from dpo_lab.dpo.qlora import resolve_model
-    from dpo_lab.dpo.trainer import build_policy, dpo_step_terms, load_data, micro_batch
+    from dpo_lab.dpo.trainer import build_policy, dpo_step_terms, load_data, micro_batch, reference_logps
     from dpo_lab.parallel import rank_device
     import warnings
     # the reference forward runs under no_grad through reentrant checkpointing, which warns that no
@@ -331,17 +357,22 @@ def _measure_rank(cfg_dict: dict) -> dict:
         return [to_device(micro_batch([rows[i] for i in idx], cfg, tok.pad_token_id), device)
                 for idx in plan.micro_indices(step, rank)]
 
+    warmup, measured = batches(0), batches(1)
+    # as the trainer: with dpo.ref_cache / precompute_ref the reference log-probs are computed
+    # before step 1 (full fine-tuning has no other reference) and a step runs no reference forward
+    cached = cfg.dpo.ref_cache or cfg.dpo.precompute_ref
+    refs = {id(b): reference_logps(model, b, cfg.dpo.ld_alpha) if cached else None for b in warmup + measured}
+
     def step(bs):
         for j, batch in enumerate(bs):
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(j == len(bs) - 1)
-            terms = dpo_step_terms(model, batch, cfg)
+            terms = dpo_step_terms(model, batch, cfg, refs[id(batch)])
             (terms[0].sum() * ws / plan.global_batch).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    step(batches(0))
-    measured = batches(1)
+    step(warmup)
     held = {"weights": sum(_nbytes(p) for p in model.parameters() if not p.requires_grad)
             + sum(_nbytes(b) for b in model.buffers()) + _quant_state_bytes(model),
             "adapters": sum(_nbytes(p) for p in params),
@@ -357,7 +388,7 @@ def _measure_rank(cfg_dict: dict) -> dict:
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        terms = dpo_step_terms(model, measured[0], cfg)
+        terms = dpo_step_terms(model, measured[0], cfg, refs[id(measured[0])])
     del terms
     opt.zero_grad(set_to_none=True)
     b = measured[0]
@@ -386,6 +417,8 @@ MEASURED = (
                                                 "dpo.chunked_logps=false"]),
     ("1 rank, padded rows", 1, ["data.packing=false"]),
     ("2 ranks, 16-bit base, LoRA r=64", 2, ["quant.load_in_4bit=false", "lora.r=64"]),
+    ("1 rank, full fine-tuning", 1, ["train.finetune=full", "quant.load_in_4bit=false"]),
+    ("2 ranks, full fine-tuning", 2, ["train.finetune=full", "quant.load_in_4bit=false"]),
 )
 
 
