@@ -12,6 +12,8 @@ two moments live in one of two tiers:
   updates chunk i.
 
 The update runs on the host; parameters on a GPU get a host copy (ZeRO-Offload's fp32 master).
+Each step records its timeline (`trace`: every read, update and write per chunk), the measured side of
+`disk_step_model`, whose inputs `check_step_model` measures apart from the step.
 """
 import glob
 import os
