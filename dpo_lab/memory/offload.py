@@ -262,29 +262,21 @@ def file_bandwidth(directory=None, chunk_bytes=(64 << 20,), repeats: int = 3, ev
     return dict(write=total / best_w, read=total / best_r)
 
 
-def free_cores(threads: int = 2, numel: int = 1 << 20, ops: int = 200, repeats: int = 3) -> float:
-    """How many cores `threads` Python threads get now, measured: the same loop of torch ops (each
-    releases the GIL, as the update's and the I/O calls do) on one thread, then on `threads` threads at
-    once; cores = threads × time alone / time together, best of `repeats` (between 1 and `threads`). On a
-    quiet machine with as many cores as threads it is about `threads`; neighbours, or the two threads
-    sharing memory bandwidth, bring it towards 1."""
-    xs = [torch.rand(numel) for _ in range(threads)]
-
-    def work(x):
-        for _ in range(ops):
-            x.mul_(1.0000001)
-
-    def timed(n):
-        best = float("inf")
-        with ThreadPoolExecutor(n) as pool:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                list(pool.map(work, xs[:n]))
-                best = min(best, time.perf_counter() - t0)
-        return best
-
-    alone, together = timed(1), timed(threads)
-    return min(float(threads), max(1.0, threads * alone / together))
+def overlap_cores(a, b, pool: ThreadPoolExecutor) -> float:
+    """How many cores two pieces of work get when they run together: `a` on this thread, `b` on `pool`'s
+    thread: (seconds of a alone + seconds of b alone) / seconds of both at once, between 1 (they take
+    turns: one core, or a lock, or memory bandwidth they share) and 2 (perfect overlap)."""
+    t0 = time.perf_counter()
+    a()
+    t_a = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pool.submit(b).result()
+    t_b = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    other = pool.submit(b)
+    a()
+    other.result()
+    return min(2.0, max(1.0, (t_a + t_b) / (time.perf_counter() - t0)))
 
 
 def disk_step_model(chunk_bytes: list[int], read_bw: float, write_bw: float,
@@ -292,7 +284,7 @@ def disk_step_model(chunk_bytes: list[int], read_bw: float, write_bw: float,
     """Seconds of the "disk" tier's optimizer step. One I/O thread reads and writes every chunk
     (busy Σ_j (b_j/read_bw + b_j/write_bw)); the main thread waits for the first read, updates every
     chunk, and the last write follows. The copies are CPU work (the kernel copies page-cache pages in the
-    I/O thread), so the two threads overlap only as far as `cores` (measured by `free_cores`) allow:
+    I/O thread), so the two threads overlap only as far as `cores` (measured by `overlap_cores`) allow:
         max( Σ_j (b_j/β_r + b_j/β_w),   b_0/β_r + Σ_j u_j + b_last/β_w,   (Σ_j (b_j/β_r + b_j/β_w) + Σ_j u_j) / cores ).
     With 2 free cores the last term never wins (ideal overlap); with 1 the step is the plain sum."""
     if not 1 <= cores:
@@ -305,7 +297,8 @@ def disk_step_model(chunk_bytes: list[int], read_bw: float, write_bw: float,
 def check_step_model(make_model, tokens, chunk_numel: int, directory=None, rounds: int = 10) -> dict:
     """The disk tier's step against `disk_step_model`, every input measured apart from the disk step:
     per-chunk update seconds from the "cpu" tier's step (its trace), the bandwidths of the step's I/O
-    pattern (`file_bandwidth`) and the free cores (`free_cores`). The measurements take turns, `rounds`
+    pattern (`file_bandwidth`) and the cores the update and the copies get when run together
+    (`overlap_cores`: the host tier's step on this thread, the step's reads and writes on another). The measurements take turns, `rounds`
     times, so that all of them see the same neighbours; the steps and bandwidths are the best of their
     rounds (the least disturbed), the free cores the median. Returns the inputs, the prediction with and without the
     cores term, the measured step and both tiers' traces."""
@@ -319,16 +312,24 @@ def check_step_model(make_model, tokens, chunk_numel: int, directory=None, round
         disk = opts["disk"]
         chunk_bytes = [2 * F32 * disk._chunk_numel(c) for c in disk.chunks]
         bw, cores = dict(read=0.0, write=0.0), []
-        for _ in range(rounds):
-            for tier, opt in opts.items():
-                t0 = time.perf_counter()
-                opt.step()
-                t = time.perf_counter() - t0
-                if t < best.get(tier, float("inf")):
-                    best[tier], traces[tier] = t, list(opt.trace)
-            b = file_bandwidth(directory, chunk_bytes, repeats=1)
-            bw = {k: max(bw[k], b[k]) for k in bw}
-            cores.append(free_cores(ops=50, repeats=1))
+        staging = [memoryview(torch.empty(max(chunk_bytes) // F32).numpy()).cast("B") for _ in range(2)]
+
+        def copies():  # the step's reads and writes, alone: each chunk read, then written back unchanged
+            for j, b in enumerate(chunk_bytes):
+                os.preadv(disk.fds[j], [staging[j % 2][:b]], 0)
+                os.pwritev(disk.fds[j], [staging[j % 2][:b]], 0)
+
+        with ThreadPoolExecutor(1) as io:
+            for _ in range(rounds):
+                for tier, opt in opts.items():
+                    t0 = time.perf_counter()
+                    opt.step()
+                    t = time.perf_counter() - t0
+                    if t < best.get(tier, float("inf")):
+                        best[tier], traces[tier] = t, list(opt.trace)
+                b = file_bandwidth(directory, chunk_bytes, repeats=1)
+                bw = {k: max(bw[k], b[k]) for k in bw}
+                cores.append(overlap_cores(opts["cpu"].step, copies, io))  # the update against the copies
     finally:
         for opt in opts.values():
             opt.close()
