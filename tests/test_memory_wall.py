@@ -138,10 +138,36 @@ def test_chunks_keep_whole_tensors_in_order():
     assert O.chunk_params([4, 4, 10, 1, 1], 8) == [[0, 1], [2], [3, 4]]
 
 
-def test_disk_step_model_is_the_longer_of_io_and_the_update_chain():
+def test_disk_step_model_is_the_longest_of_io_the_update_chain_and_the_work_per_core():
     # 2 chunks of 100 bytes at 100 B/s read and write: I/O busy 4 s; chain 1 + 2·0.5 + 1 = 3 s
     assert O.disk_step_model([100, 100], 100, 100, [0.5, 0.5]) == 4
     assert O.disk_step_model([100, 100], 100, 100, [3, 3]) == 1 + 6 + 1
+    # 4 s of I/O and 3 s of updates: 2 free cores overlap them (4 s); 1 core runs both in turn (7 s)
+    assert O.disk_step_model([100, 100], 100, 100, [1.5, 1.5], cores=2) == 1 + 3 + 1
+    assert O.disk_step_model([100, 100], 100, 100, [1.5, 1.5], cores=1) == 4 + 3
+    assert O.disk_step_model([100, 100], 100, 100, [1.5, 1.5], cores=1.4) == pytest.approx(7 / 1.4)
+    with pytest.raises(ValueError, match="cores=0.5"):
+        O.disk_step_model([100], 100, 100, [1.0], cores=0.5)
+
+
+def test_the_disk_step_trace_is_the_pipeline(tmp_path):
+    """The timeline the notebook plots: each chunk read, updated, written once, in that order."""
+    model = _model()
+    with O.OffloadedAdamW(model.parameters(), tier="disk", chunk_numel=3000, directory=tmp_path) as opt:
+        model(torch.randint(0, 256, (2, 6))).logsumexp(-1).mean().backward()
+        opt.step()
+        n = len(opt.chunks)
+        ev = {(k, j): (a, b) for k, j, a, b in opt.trace}
+        assert len(opt.trace) == len(ev) == 3 * n
+        for j in range(n):
+            (r0, r1), (u0, u1), (w0, w1) = ev["read", j], ev["update", j], ev["write", j]
+            assert 0 <= r0 <= r1 <= u0 <= u1 <= w0 <= w1, j
+        assert [len(O.trace_seconds(opt.trace, k)) for k in ("read", "update", "write")] == [n] * 3
+
+
+def test_file_bandwidth_names_a_bad_chunk_list():
+    with pytest.raises(ValueError, match="chunk_bytes=\\[\\]"):
+        O.file_bandwidth(chunk_bytes=[])
 
 
 def test_bad_tier_is_named():

@@ -54,7 +54,14 @@ def test_offload(figures):
     assert 2 / figures["offload_chunks"] <= figures["offload_resident_bytes_ratio"] < 2 / (figures["offload_chunks"] - 1)
     assert figures["offload_resident_bytes_ratio"] == figures["offload_resident_bytes_ratio_formula"]
     err = figures["nvme_offload_step_time_model_rel_err"]
-    assert math.isfinite(err) and err >= 0  # load varies: the lesson quotes it as a range
+    assert math.isfinite(err) and err >= 0  # load varies: the lesson quotes it as a range, never a bound here
+    assert err == abs(figures["nvme_offload_step_time_model_signed_err"])
+    assert err == pytest.approx(abs(figures["nvme_offload_predicted_seconds"] / figures["nvme_offload_measured_seconds"] - 1))
+    # the model's inputs: a core count between 1 and the 2 threads (a ratio of timings, clipped); the
+    # cores term can only lengthen the perfect-overlap prediction, which is at least the updates measured apart
+    assert 1 <= figures["nvme_offload_overlap_cores"] <= 2
+    ideal = figures["nvme_offload_predicted_ideal_overlap_seconds"]
+    assert figures["nvme_offload_predicted_seconds"] >= ideal >= figures["nvme_offload_update_seconds_apart"] > 0
     assert figures["offload_achieved_io_gbps"] > 0 and figures["file_read_gbps"] > 0
     assert figures["fsdp2_cpu_offload_same_params"] == 1 and figures["fsdp2_cpu_offload_state_on_cpu"] == 1
 

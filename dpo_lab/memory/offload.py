@@ -12,9 +12,13 @@ two moments live in one of two tiers:
   updates chunk i.
 
 The update runs on the host; parameters on a GPU get a host copy (ZeRO-Offload's fp32 master).
+Each step records its timeline (`trace`: every read, update and write per chunk), the measured side of
+`disk_step_model`, whose inputs `check_step_model` measures apart from the step.
 """
+import glob
 import os
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -72,6 +76,7 @@ class OffloadedAdamW:
         self.host = [p.detach() if p.device.type == "cpu" else p.detach().cpu().pin_memory()
                      for p in self.params]
         self.stats = dict(read_bytes=0, write_bytes=0, io_seconds=0.0, update_seconds=0.0)
+        self.trace = []  # the last step's (kind, chunk, start s, end s) from step start: the timeline the model predicts
         self.dir = None
         if tier == "cpu":
             self.state = [torch.zeros(2, n) for n in numels]  # exp_avg, exp_avg_sq
@@ -121,6 +126,11 @@ class OffloadedAdamW:
             self._update(i, m[off:off + k].view_as(self.host[i]), v[off:off + k].view_as(self.host[i]))
             off += k
 
+    def _update_resident(self, c):
+        for i in c:
+            m, v = self.state[i]
+            self._update(i, m.view_as(self.host[i]), v.view_as(self.host[i]))
+
     # --- file I/O, on the I/O thread ---
     def _io(self, kind, j, buf):
         """Read or write chunk j's moments from/to buf: one positional system call on a file
@@ -130,19 +140,22 @@ class OffloadedAdamW:
         done = os.preadv(self.fds[j], [view], 0) if kind == "read" else os.pwritev(self.fds[j], [view], 0)
         if done != view.nbytes:
             raise IOError(f"{self.paths[j]}: {kind} {done} of {view.nbytes} bytes")
+        t1 = time.perf_counter()
         with self._io_lock:
-            self.stats["io_seconds"] += time.perf_counter() - t0
+            self.stats["io_seconds"] += t1 - t0
             self.stats[f"{kind}_bytes"] += view.nbytes
+            self.trace.append((kind, j, t0 - self._t_step, t1 - self._t_step))
 
     @torch.no_grad()
     def step(self):
         self.step_count += 1
-        t0 = time.perf_counter()
+        t0 = self._t_step = time.perf_counter()
+        self.trace = []
         if self.tier == "cpu":
-            for c in self.chunks:
-                for i in c:
-                    m, v = self.state[i]
-                    self._update(i, m.view_as(self.host[i]), v.view_as(self.host[i]))
+            for j, c in enumerate(self.chunks):
+                u0 = time.perf_counter()
+                self._update_resident(c)
+                self.trace.append(("update", j, u0 - t0, time.perf_counter() - t0))
         else:
             pending = self.pool.submit(self._io, "read", 0, self.buffers[0])
             writes = []
@@ -151,7 +164,9 @@ class OffloadedAdamW:
                 buf = self.buffers[j % 2]
                 if j + 1 < len(self.chunks):  # FIFO pool: runs after the write that last used this buffer
                     pending = self.pool.submit(self._io, "read", j + 1, self.buffers[(j + 1) % 2])
+                u0 = time.perf_counter()
                 self._update_chunk(c, buf)
+                self.trace.append(("update", j, u0 - t0, time.perf_counter() - t0))
                 writes.append(self.pool.submit(self._io, "write", j, buf))
             for w in writes:
                 w.result()
@@ -192,41 +207,140 @@ class OffloadedAdamW:
         self.close()
 
 
-def file_bandwidth(directory=None, nbytes: int = 64 << 20, files: int = 1, repeats: int = 3) -> dict:
-    """Write and read bytes/s of `files` files of `nbytes` each in `directory`, with the
-    optimizer's system calls (os.pwritev / os.preadv on files opened once, no fsync). The page
-    cache may serve the reads, so on a machine with free memory this is the file system's speed,
-    not the disk's. Best of `repeats`."""
-    buf = memoryview(torch.rand(nbytes // F32).numpy()).cast("B")
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """Size of CPU 0's largest cache (Linux sysfs), or `default` where it cannot be read."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(index).read().strip()
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=default)
+
+
+def file_bandwidth(directory=None, chunk_bytes=(64 << 20,), repeats: int = 3, evict_bytes: int | None = None) -> dict:
+    """Read and write bytes/s of the disk tier's I/O pattern, timed apart from any update: one file per
+    chunk of `chunk_bytes`, opened once, two staging buffers in turn, each chunk read then written back
+    with os.preadv / os.pwritev (no fsync) on a second thread, as the optimizer's I/O thread does.
+    Between two calls a pass over `evict_bytes` (more than the last-level cache; twice its size by
+    default) stands for the update's traffic: the step's copies find neither the buffer nor the
+    page-cache pages in the cache (a warm loop over a few MiB runs about twice as fast on a 32 MiB-L3
+    CPU). The page cache serves the reads, so on a machine with free memory this is the memory copy's
+    speed, not the disk's. Best of `repeats` passes over all chunks."""
+    if not chunk_bytes or min(chunk_bytes) < F32:
+        raise ValueError(f"chunk_bytes={chunk_bytes!r}: need chunks of at least {F32} bytes")
+    bufs = [torch.rand(max(chunk_bytes) // F32) for _ in range(2)]
+    views = [memoryview(b.numpy()).cast("B") for b in bufs]
+    evict = torch.zeros(evict_bytes or 2 * last_level_cache_bytes(), dtype=torch.uint8)
     tmp = tempfile.mkdtemp(prefix="bw-", dir=directory)
-    fds = [os.open(os.path.join(tmp, f"f{i}"), os.O_RDWR | os.O_CREAT) for i in range(files)]
-    best_w = best_r = float("inf")
+    fds = [os.open(os.path.join(tmp, f"chunk{j}.bin"), os.O_RDWR | os.O_CREAT) for j in range(len(chunk_bytes))]
+
+    def timed(call, fd, view):
+        t0 = time.perf_counter()
+        call(fd, [view], 0)
+        return time.perf_counter() - t0
+
+    best_r = best_w = float("inf")
     try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for fd in fds:
-                os.pwritev(fd, [buf], 0)
-            best_w = min(best_w, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for fd in fds:
-                os.preadv(fd, [buf], 0)
-            best_r = min(best_r, time.perf_counter() - t0)
+        with ThreadPoolExecutor(1) as io:  # the copies run on another thread than the one that touched the buffer
+            for fd, b in zip(fds, chunk_bytes):
+                os.pwritev(fd, [views[0][:b - b % F32]], 0)  # the files exist before the step, as the optimizer's do
+            for _ in range(repeats):
+                t_r = t_w = 0.0
+                for j, (fd, b) in enumerate(zip(fds, chunk_bytes)):
+                    view = views[j % 2][:b - b % F32]
+                    evict.fill_(j)
+                    t_r += io.submit(timed, os.preadv, fd, view).result()
+                    bufs[j % 2].add_(1)  # as the update rewrites the moments in the buffer
+                    evict.fill_(j + 1)
+                    t_w += io.submit(timed, os.pwritev, fd, view).result()
+                best_r, best_w = min(best_r, t_r), min(best_w, t_w)
     finally:
         for fd in fds:
             os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
-    return dict(write=files * buf.nbytes / best_w, read=files * buf.nbytes / best_r)
+    total = sum(b - b % F32 for b in chunk_bytes)
+    return dict(write=total / best_w, read=total / best_r)
+
+
+def overlap_cores(a, b, pool: ThreadPoolExecutor) -> float:
+    """How many cores two pieces of work get when they run together: `a` on this thread, `b` on `pool`'s
+    thread: (seconds of a alone + seconds of b alone) / seconds of both at once, between 1 (they take
+    turns: one core, or a lock, or memory bandwidth they share) and 2 (perfect overlap)."""
+    t0 = time.perf_counter()
+    a()
+    t_a = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pool.submit(b).result()
+    t_b = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    other = pool.submit(b)
+    a()
+    other.result()
+    return min(2.0, max(1.0, (t_a + t_b) / (time.perf_counter() - t0)))
 
 
 def disk_step_model(chunk_bytes: list[int], read_bw: float, write_bw: float,
-                    update_seconds: list[float]) -> float:
+                    update_seconds: list[float], cores: float = 2.0) -> float:
     """Seconds of the "disk" tier's optimizer step. One I/O thread reads and writes every chunk
-    (busy Σ(b/read_bw + b/write_bw)); the main thread waits for the first read, updates every
-    chunk, and the last write follows: with the two overlapped, the step takes the longer of
-        Σ_j (b_j/read_bw + b_j/write_bw)      and      b_0/read_bw + Σ_j u_j + b_last/write_bw."""
+    (busy Σ_j (b_j/read_bw + b_j/write_bw)); the main thread waits for the first read, updates every
+    chunk, and the last write follows. The copies are CPU work (the kernel copies page-cache pages in the
+    I/O thread), so the two threads overlap only as far as `cores` (measured by `overlap_cores`) allow:
+        max( Σ_j (b_j/β_r + b_j/β_w),   b_0/β_r + Σ_j u_j + b_last/β_w,   (Σ_j (b_j/β_r + b_j/β_w) + Σ_j u_j) / cores ).
+    With 2 free cores the last term never wins (ideal overlap); with 1 the step is the plain sum."""
+    if not 1 <= cores:
+        raise ValueError(f"cores={cores} must be >= 1")
     io = sum(b / read_bw + b / write_bw for b in chunk_bytes)
     chain = chunk_bytes[0] / read_bw + sum(update_seconds) + chunk_bytes[-1] / write_bw
-    return max(io, chain)
+    return max(io, chain, (io + sum(update_seconds)) / cores)
+
+
+def check_step_model(make_model, tokens, chunk_numel: int, directory=None, rounds: int = 10) -> dict:
+    """The disk tier's step against `disk_step_model`, every input measured apart from the disk step:
+    per-chunk update seconds from the "cpu" tier's step (its trace), the bandwidths of the step's I/O
+    pattern (`file_bandwidth`) and the cores the update and the copies get when run together
+    (`overlap_cores`: the host tier's step on this thread, the step's reads and writes on another). The measurements take turns, `rounds`
+    times, so that all of them see the same neighbours; the steps and bandwidths are the best of their
+    rounds (the least disturbed), the free cores the median. Returns the inputs, the prediction with and without the
+    cores term, the measured step and both tiers' traces."""
+    opts, best, traces = {}, {}, {}
+    try:
+        for tier in TIERS:
+            model = make_model()
+            model(tokens).logsumexp(-1).mean().backward()
+            opts[tier] = OffloadedAdamW(model.parameters(), tier=tier, chunk_numel=chunk_numel, directory=directory)
+            opts[tier].step()  # warm-up: first touch of the buffers and the files' pages
+        disk = opts["disk"]
+        chunk_bytes = [2 * F32 * disk._chunk_numel(c) for c in disk.chunks]
+        bw, cores = dict(read=0.0, write=0.0), []
+        staging = [memoryview(torch.empty(max(chunk_bytes) // F32).numpy()).cast("B") for _ in range(2)]
+
+        def copies():  # the step's reads and writes, alone: each chunk read, then written back unchanged
+            for j, b in enumerate(chunk_bytes):
+                os.preadv(disk.fds[j], [staging[j % 2][:b]], 0)
+                os.pwritev(disk.fds[j], [staging[j % 2][:b]], 0)
+
+        with ThreadPoolExecutor(1) as io:
+            for _ in range(rounds):
+                for tier, opt in opts.items():
+                    t0 = time.perf_counter()
+                    opt.step()
+                    t = time.perf_counter() - t0
+                    if t < best.get(tier, float("inf")):
+                        best[tier], traces[tier] = t, list(opt.trace)
+                b = file_bandwidth(directory, chunk_bytes, repeats=1)
+                bw = {k: max(bw[k], b[k]) for k in bw}
+                cores.append(overlap_cores(opts["cpu"].step, copies, io))  # the update against the copies
+    finally:
+        for opt in opts.values():
+            opt.close()
+    # the typical round's cores, not the best: a second core free for one probe says little about a whole step
+    cores = statistics.median(cores)
+    upd = trace_seconds(traces["cpu"], "update")
+    predicted = disk_step_model(chunk_bytes, bw["read"], bw["write"], upd, cores=cores)
+    return dict(chunk_bytes=chunk_bytes, read_bw=bw["read"], write_bw=bw["write"], cores=cores, update_seconds=upd,
+                predicted=predicted, predicted_ideal_overlap=disk_step_model(chunk_bytes, bw["read"], bw["write"], upd),
+                measured=best["disk"], cpu_step=best["cpu"], traces=traces,
+                rel_err=predicted / best["disk"] - 1)
 
 
 def fsdp2_train(offload: bool, steps: int = 3, seed: int = 0, model_cfg=None, batch: int = 4, seq: int = 16) -> dict:
@@ -279,8 +393,9 @@ def _sync():
 
 def time_training_steps(model, opt, tokens, steps: int = 4) -> dict:
     """Best seconds (over `steps`, the first a warm-up) of forward + backward and of opt.step()
-    on the same batch: best, not mean, since neighbours on a shared machine only ever slow it."""
-    compute, update = [], []
+    on the same batch: best, not mean, since neighbours on a shared machine only ever slow it. For an
+    OffloadedAdamW, also the per-chunk timeline (`trace`) of its best step."""
+    compute, update, trace = [], [], None
     for _ in range(steps + 1):
         opt.zero_grad()
         _sync()
@@ -293,4 +408,11 @@ def time_training_steps(model, opt, tokens, steps: int = 4) -> dict:
         t2 = time.perf_counter()
         compute.append(t1 - t0)
         update.append(t2 - t1)
-    return dict(compute=min(compute[1:]), update=min(update[1:]))
+        if len(update) > 1 and update[-1] == min(update[1:]):
+            trace = list(getattr(opt, "trace", []))
+    return dict(compute=min(compute[1:]), update=min(update[1:]), trace=trace)
+
+
+def trace_seconds(trace, kind: str) -> list[float]:
+    """Per-chunk seconds of one kind ("read", "update", "write") in a step's trace, in chunk order."""
+    return [end - start for _, _, start, end in sorted((e for e in trace if e[0] == kind), key=lambda e: e[1])]
