@@ -168,6 +168,22 @@ def test_the_disk_step_trace_is_the_pipeline(tmp_path):
 def test_file_bandwidth_names_a_bad_chunk_list():
     with pytest.raises(ValueError, match="chunk_bytes=\\[\\]"):
         O.file_bandwidth(chunk_bytes=[])
+    with pytest.raises(ValueError, match="1 files for 2 chunks"):
+        O.file_bandwidth(chunk_bytes=[64, 64], fds=[0])
+
+
+def test_file_bandwidth_on_the_optimizer_s_own_files_leaves_its_state_as_it_was(tmp_path):
+    model = _model()
+    model(torch.randint(0, 64, (2, 8))).logsumexp(-1).mean().backward()
+    with O.OffloadedAdamW(model.parameters(), tier="disk", chunk_numel=5000, directory=tmp_path) as opt:
+        opt.step()
+        before = [opt.state_of(i) for i in range(len(opt.params))]
+        chunk_bytes = [2 * 4 * opt._chunk_numel(c) for c in opt.chunks]
+        bw = O.file_bandwidth(chunk_bytes=chunk_bytes, repeats=2, evict_bytes=1 << 16, fds=opt.fds)
+        assert bw["read"] > 0 and bw["write"] > 0
+        for (m0, v0), i in zip(before, range(len(opt.params))):
+            m1, v1 = opt.state_of(i)
+            assert torch.equal(m0, m1) and torch.equal(v0, v1), i
 
 
 def test_bad_tier_is_named():

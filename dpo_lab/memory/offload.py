@@ -83,12 +83,15 @@ class OffloadedAdamW:
             return
         self.dir = tempfile.mkdtemp(prefix="offload-", dir=directory)
         self.paths = [os.path.join(self.dir, f"chunk{i}.bin") for i in range(len(self.chunks))]
-        for path, c in zip(self.paths, self.chunks):
-            with open(path, "wb") as f:
-                f.truncate(2 * F32 * self._chunk_numel(c))  # zeros: Adam's moments start at 0
         largest = max(self._chunk_numel(c) for c in self.chunks)
-        self.buffers = [torch.empty(2 * largest) for _ in range(2)]  # double buffering
-        self.fds = [os.open(path, os.O_RDWR) for path in self.paths]
+        self.buffers = [torch.zeros(2 * largest) for _ in range(2)]  # double buffering
+        self.fds = [os.open(path, os.O_RDWR | os.O_CREAT) for path in self.paths]
+        for fd, c in zip(self.fds, self.chunks):
+            # Adam's moments start at 0. Written with one large write, not created sparse (truncate):
+            # on ext4 here every later copy of a sparse-created file ran at half the speed (about 6
+            # against 13 GB/s), its page-cache pages made one small page at a time on first touch.
+            view = memoryview(self.buffers[0][:2 * self._chunk_numel(c)].numpy()).cast("B")
+            os.pwritev(fd, [view], 0)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="offload-io")
         self._io_lock = threading.Lock()
 
@@ -217,10 +220,14 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
     return max(sizes, default=default)
 
 
-def file_bandwidth(directory=None, chunk_bytes=(64 << 20,), repeats: int = 3, evict_bytes: int | None = None) -> dict:
+def file_bandwidth(directory=None, chunk_bytes=(64 << 20,), repeats: int = 3, evict_bytes: int | None = None,
+                   fds=None) -> dict:
     """Read and write bytes/s of the disk tier's I/O pattern, timed apart from any update: one file per
-    chunk of `chunk_bytes`, opened once, two staging buffers in turn, each chunk read then written back
+    chunk of `chunk_bytes`, two staging buffers in turn, each chunk read then written back unchanged
     with os.preadv / os.pwritev (no fsync) on a second thread, as the optimizer's I/O thread does.
+    `fds`: the optimizer's own open files (its state is written back as it was read), so that the
+    bandwidth is that of the very files and page-cache pages the step copies; default: new files in
+    `directory`, written once with one large write as the optimizer writes its own.
     Between two calls a pass over `evict_bytes` (more than the last-level cache; twice its size by
     default) stands for the update's traffic: the step's copies find neither the buffer nor the
     page-cache pages in the cache (a warm loop over a few MiB runs about twice as fast on a 32 MiB-L3
@@ -228,11 +235,15 @@ def file_bandwidth(directory=None, chunk_bytes=(64 << 20,), repeats: int = 3, ev
     speed, not the disk's. Best of `repeats` passes over all chunks."""
     if not chunk_bytes or min(chunk_bytes) < F32:
         raise ValueError(f"chunk_bytes={chunk_bytes!r}: need chunks of at least {F32} bytes")
+    if fds is not None and len(fds) != len(chunk_bytes):
+        raise ValueError(f"{len(fds)} files for {len(chunk_bytes)} chunks")
     bufs = [torch.rand(max(chunk_bytes) // F32) for _ in range(2)]
     views = [memoryview(b.numpy()).cast("B") for b in bufs]
     evict = torch.zeros(evict_bytes or 2 * last_level_cache_bytes(), dtype=torch.uint8)
-    tmp = tempfile.mkdtemp(prefix="bw-", dir=directory)
-    fds = [os.open(os.path.join(tmp, f"chunk{j}.bin"), os.O_RDWR | os.O_CREAT) for j in range(len(chunk_bytes))]
+    tmp = None
+    if fds is None:
+        tmp = tempfile.mkdtemp(prefix="bw-", dir=directory)
+        fds = [os.open(os.path.join(tmp, f"chunk{j}.bin"), os.O_RDWR | os.O_CREAT) for j in range(len(chunk_bytes))]
 
     def timed(call, fd, view):
         t0 = time.perf_counter()
@@ -242,22 +253,23 @@ def file_bandwidth(directory=None, chunk_bytes=(64 << 20,), repeats: int = 3, ev
     best_r = best_w = float("inf")
     try:
         with ThreadPoolExecutor(1) as io:  # the copies run on another thread than the one that touched the buffer
-            for fd, b in zip(fds, chunk_bytes):
-                os.pwritev(fd, [views[0][:b - b % F32]], 0)  # the files exist before the step, as the optimizer's do
+            if tmp is not None:
+                for fd, b in zip(fds, chunk_bytes):
+                    os.pwritev(fd, [views[0][:b - b % F32]], 0)  # the files exist before the step, as the optimizer's do
             for _ in range(repeats):
                 t_r = t_w = 0.0
                 for j, (fd, b) in enumerate(zip(fds, chunk_bytes)):
                     view = views[j % 2][:b - b % F32]
                     evict.fill_(j)
                     t_r += io.submit(timed, os.preadv, fd, view).result()
-                    bufs[j % 2].add_(1)  # as the update rewrites the moments in the buffer
-                    evict.fill_(j + 1)
+                    evict.fill_(j + 1)  # as the update streams its tensors between the read and the write
                     t_w += io.submit(timed, os.pwritev, fd, view).result()
                 best_r, best_w = min(best_r, t_r), min(best_w, t_w)
     finally:
-        for fd in fds:
-            os.close(fd)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            for fd in fds:
+                os.close(fd)
+            shutil.rmtree(tmp, ignore_errors=True)
     total = sum(b - b % F32 for b in chunk_bytes)
     return dict(write=total / best_w, read=total / best_r)
 
@@ -327,7 +339,7 @@ def check_step_model(make_model, tokens, chunk_numel: int, directory=None, round
                     t = time.perf_counter() - t0
                     if t < best.get(tier, float("inf")):
                         best[tier], traces[tier] = t, list(opt.trace)
-                b = file_bandwidth(directory, chunk_bytes, repeats=1)
+                b = file_bandwidth(directory, chunk_bytes, repeats=1, fds=disk.fds)  # the step's own files
                 bw = {k: max(bw[k], b[k]) for k in bw}
                 cores.append(overlap_cores(opts["cpu"].step, copies, io))  # the update against the copies
     finally:
