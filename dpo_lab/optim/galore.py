@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from dpo_lab.optim.adamw import PerParameter, adam_moments_
+
 
 class GaLoreProjector:
     def __init__(self, rank: int, update_proj_gap: int = 200, scale: float = 0.25):
@@ -35,7 +37,7 @@ class GaLoreProjector:
         return self.scale * full
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
+class GaLoreAdamW(PerParameter):
     """Param groups with a "rank" key are GaLore-projected (plus "update_proj_gap", "scale")."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
@@ -45,37 +47,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 raise ValueError("GaLore groups take 2-D weights only, got shapes "
                                  f"{[tuple(p.shape) for p in group['params']]}")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    if "rank" in group:
-                        state["projector"] = GaLoreProjector(group["rank"], group["update_proj_gap"],
-                                                             group["scale"])
-                g = p.grad
-                if "rank" in group:
-                    g = state["projector"].project(g, state["step"])  # refresh at 0, T, 2T, …
-                    state["P"] = state["projector"].matrix  # a tensor in the state: its bytes count
-                if "exp_avg" not in state:
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
-                state["step"] += 1
-                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                N = m / (v.sqrt() + eps)
-                if "rank" in group:
-                    N = state["projector"].project_back(N, p.shape)
-                p.add_(N, alpha=-lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
-                if wd > 0:
-                    p.mul_(1 - lr * wd)
-        return loss
+    def update(self, p, g, group, state):
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if not state:
+            state["step"] = 0
+            if "rank" in group:
+                state["projector"] = GaLoreProjector(group["rank"], group["update_proj_gap"], group["scale"])
+        if "rank" in group:
+            g = state["projector"].project(g, state["step"])  # refresh at 0, T, 2T, …
+            state["P"] = state["projector"].matrix  # a tensor in the state: its bytes count
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
+        state["step"] += 1
+        t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        adam_moments_(m, v, g, b1, b2)
+        N = m / (v.sqrt() + eps)
+        if "rank" in group:
+            N = state["projector"].project_back(N, p.shape)
+        p.add_(N, alpha=-lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
+        if wd > 0:
+            p.mul_(1 - lr * wd)

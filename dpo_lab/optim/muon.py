@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from dpo_lab.optim.adamw import PerParameter
+
 # Jordan's coefficients: chosen to maximise the slope at 0, so small singular values grow fast;
 # the fixed point is not exactly 1 (singular values end up in roughly [0.7, 1.2]).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -33,7 +35,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS,
     return X.T if tall else X
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(PerParameter):
     """Only for 2-D weights; embeddings, head and 1-D parameters go to AdamW (as in torch.optim.Muon)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
@@ -45,27 +47,15 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon takes 2-D weights only, got a parameter of shape {tuple(p.shape)}")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                B = state["momentum_buffer"]
-                B.mul_(mu).add_(g, alpha=1 - mu)
-                u = (1 - mu) * g + mu * B if group["nesterov"] else B
-                O = newton_schulz(u, group["ns_steps"], eps=group["eps"], dtype=group["ns_dtype"])
-                rows, cols = p.shape
-                p.mul_(1 - lr * wd)
-                # scale so tall matrices get the same per-entry update RMS as wide ones
-                p.add_(O.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, rows / cols)))
-        return loss
+    def update(self, p, g, group, state):
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        B = state["momentum_buffer"]
+        B.mul_(mu).add_(g, alpha=1 - mu)
+        u = (1 - mu) * g + mu * B if group["nesterov"] else B
+        O = newton_schulz(u, group["ns_steps"], eps=group["eps"], dtype=group["ns_dtype"])
+        rows, cols = p.shape
+        p.mul_(1 - lr * wd)
+        # scale so tall matrices get the same per-entry update RMS as wide ones
+        p.add_(O.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, rows / cols)))
